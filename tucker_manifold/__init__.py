@@ -1,0 +1,8 @@
+"""tucker_manifold: Riemannian optimization on fixed multilinear-rank Tucker tensors (geoopt) and
+rank-adaptive training of Tucker-factorized layers (TDLRT)."""
+from . import flow, tucker
+from .manifold import FixedRankTucker
+
+__version__ = "0.1.0"
+
+__all__ = ["FixedRankTucker", "tucker", "flow", "__version__"]
