@@ -153,6 +153,8 @@ def check_multilinear_ranks(shape: Sequence[int], ranks: Sequence[int], name: st
     for i, (r, n) in enumerate(zip(ranks, shape)):
         if not 1 <= r <= n:
             raise ValueError(f"{name}[{i}] = {r} must satisfy 1 <= r <= n_{i} = {n}")
+    # Bounds first: a zero rank elsewhere would otherwise be reported as the wrong entry's fault.
+    for i, r in enumerate(ranks):
         others = math.prod(ranks[:i] + ranks[i + 1 :])
         if r > others:
             raise ValueError(
