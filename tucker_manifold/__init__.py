@@ -2,7 +2,8 @@
 rank-adaptive training of Tucker-factorized layers (TDLRT)."""
 from . import flow, tucker
 from .manifold import FixedRankTucker
+from . import nn
 
 __version__ = "0.1.0"
 
-__all__ = ["FixedRankTucker", "tucker", "flow", "__version__"]
+__all__ = ["FixedRankTucker", "tucker", "flow", "nn", "__version__"]
