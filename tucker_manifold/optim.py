@@ -286,8 +286,23 @@ class TDLRT(torch.optim.Optimizer):
                               old_ranks=m.ranks))
             set_tucker_point(p, lifted, new_factors)
 
-        # Pass 2: core gradients at (C^, U^), gradients of all other parameters.
-        loss2, ok = self._run_pass(closure)
+        # Pass 2: core gradients at (C^, U^), gradients of all other parameters. Layers that honour
+        # `core_grad_only` skip the (unused) factor gradients.
+        for plan in plans:
+            plan["p"].core_grad_only = True
+        try:
+            loss2, ok = self._run_pass(closure)
+        except RuntimeError as e:
+            if "invalid gradient" in str(e):
+                raise RuntimeError(
+                    "TDLRT changed a Tucker parameter's size, but an autograd graph built before this step "
+                    "still references it (e.g. a loss tensor kept from an earlier loop): delete it (`del loss`) "
+                    "or detach it before calling step()"
+                ) from e
+            raise
+        finally:
+            for plan in plans:
+                plan["p"].core_grad_only = False
         if not ok:
             for plan in plans:
                 p = plan["p"]

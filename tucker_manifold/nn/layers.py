@@ -318,7 +318,12 @@ class TuckerLayer(nn.Module):
     def core_and_factors(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``core (r_1..r_d)`` and ``factors [(n_i, r_i)]`` as views of the parameter (autograd flows)."""
         p = self.tucker_weight
-        return p.manifold.unpack(p)
+        core, factors = p.manifold.unpack(p)
+        if getattr(p, "core_grad_only", False):
+            # TDLRT's second pass needs only the core gradient: detaching the factors skips their
+            # weight-gradient kernels in the backward pass.
+            factors = [f.detach() for f in factors]
+        return core, factors
 
     @property
     def weight(self) -> torch.Tensor:
