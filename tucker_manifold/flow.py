@@ -90,7 +90,7 @@ def augment_basis(u: torch.Tensor, g: torch.Tensor, rtol: float | None = None, m
     ``u (n, r)`` orthonormal, ``g (n, k)`` -> ``(n, r + k')`` with ``k' <= min(k, n - r)`` the numerical rank
     of ``(I - U U^T) G``. The new directions come from an SVD of the projected ``G`` (projected twice,
     the classical Gram-Schmidt fix), so a rank-deficient or zero ``G`` adds fewer or no columns instead
-    of NaNs or arbitrary directions. ``rtol`` (default ``max(n, k) * eps``) is relative to ``||G||_2``;
+    of NaNs or arbitrary directions. ``rtol`` (default ``max(n, k) * eps``) is relative to ``||G||_F``;
     ``max_rank`` caps the total number of columns.
     """
     n, r = u.shape
@@ -102,7 +102,8 @@ def augment_basis(u: torch.Tensor, g: torch.Tensor, rtol: float | None = None, m
     gp = g - u @ (u.transpose(0, 1) @ g)
     gp = gp - u @ (u.transpose(0, 1) @ gp)
     w, s, _ = torch.linalg.svd(gp, full_matrices=False)
-    scale = torch.linalg.matrix_norm(g, ord=2)
+    # Frobenius norm as the scale: as good a reference as ||G||_2 here, and no SVD.
+    scale = torch.linalg.vector_norm(g)
     if rtol is None:
         rtol = max(n, g.shape[1]) * torch.finfo(g.dtype).eps
     keep = int((s > rtol * scale).sum()) if scale > 0 else 0
@@ -191,7 +192,10 @@ def truncate_core(
     rmaxs = [rmax] * d if rmax is None or isinstance(rmax, int) else list(rmax)
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
-    tol = float(tau * torch.linalg.vector_norm(core))
+    norm = float(torch.linalg.vector_norm(core))
+    # Singular values at rounding level are zeros: keeping them (e.g. tau = 0 once the exact rank is
+    # reached) leaves an unfolding numerically rank deficient, i.e. a point off the manifold.
+    tol = max(float(tau) * norm, max(shape) * torch.finfo(core.dtype).eps * norm)
     bases: list[torch.Tensor | None] = []
     svals: list[torch.Tensor | None] = []
     ranks = []
