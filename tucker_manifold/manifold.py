@@ -15,6 +15,7 @@ No method except the explicitly dense ones (``from_dense``, ``to_dense``, ``proj
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -81,8 +82,9 @@ class FixedRankTucker(Manifold):
 
     def __init__(self, shape: Sequence[int], ranks: Sequence[int]):
         super().__init__()
+        # operator.index, not int(): a float like 5.5 must not be silently truncated.
         try:
-            shape = tuple(int(n) for n in shape)
+            shape = tuple(operator.index(n) for n in shape)
         except TypeError as e:
             raise ValueError(f"shape must be a sequence of ints, got {shape!r}") from e
         if len(shape) < 2:
@@ -90,7 +92,7 @@ class FixedRankTucker(Manifold):
         if any(n < 1 for n in shape):
             raise ValueError(f"shape entries must be >= 1, got {shape}")
         try:
-            ranks = tuple(ranks)
+            ranks = tuple(operator.index(r) for r in ranks)
         except TypeError as e:
             raise ValueError(f"ranks must be a sequence of ints, got {ranks!r}") from e
         self.shape: tuple[int, ...] = shape
