@@ -1,0 +1,17 @@
+"""Numerical checks of the theorems of TDLRT (Zangrando et al., NeurIPS 2024), one script per theorem.
+
+Each check is a module ``proofs_checks.<name>`` with ``main(argv) -> int`` (0: every checked inequality
+holds, 1: a violation), runnable as ``python -m proofs_checks.<name> [--quick] [--out DIR]``. It prints a
+table and writes a JSON/CSV record and a PNG plot into the output folder (default
+``proofs_checks/results``). See ``proofs_checks/README.md`` for the forms checked.
+"""
+
+#: check name -> what it checks
+CHECKS = {
+    "descent": "Thm 3.1, local descent: L(Y+) - L(Y) <= -h(1 - Lh/2)||P grad L||^2 + B eta per step",
+    "convergence": "Thm 3.2, SGD with Robbins-Monro steps and summable tolerances: E||P grad L||^2 -> 0",
+    "approximation": "Thm 3.3, ||W(t) - Y_k|| <= c1 eps + c2 h + c3 theta/h, and robustness to small singular values",
+    "robustness": "Figure-2 style robustness to ill-conditioned / overestimated-rank initializations",
+}
+
+__all__ = ["CHECKS"]
