@@ -248,8 +248,16 @@ class TDLRT(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("TDLRT.step needs a closure (it evaluates the gradient twice)")
 
-        # Pass 1: factor gradients at (C, U).
-        loss, ok = self._run_pass(closure)
+        # Pass 1: factor gradients at (C, U). The other parameters' gradients would be discarded, so
+        # autograd is told not to compute them (this skips e.g. the first layer's backward entirely).
+        frozen = [p for _, p in self._all_params() if p.requires_grad and not is_tucker_parameter(p)]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            loss, ok = self._run_pass(closure)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         if not ok:
             self._skip("1")
             return loss
