@@ -633,3 +633,21 @@ def test_cuda_matches_cpu(dtype):
     assert torch.allclose(rgc.cpu(), rg, atol=tol * rg.abs().max())
     assert torch.allclose(m.inner(xc, uc, vc).cpu(), m.inner(x, u, v), rtol=tol, atol=tol)
     assert torch.allclose(m.proju(xc, ec).cpu(), m.proju(x, egrad), atol=tol * egrad.abs().max())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("shape,ranks", [((6, 5, 4), (3, 2, 3)), ((5, 4, 6, 3), (2, 3, 2, 3))])
+def test_transp_term_form_equals_block_form(seed, shape, ranks, monkeypatch):
+    """Both code paths of transp (2r-core block form, per-term form for large cores) agree with the
+    dense projection."""
+    torch.manual_seed(seed)
+    M = FixedRankTucker(shape, ranks)
+    x = M.random(dtype=torch.float64)
+    y = M.retr(x, 0.3 * M.random_tangent(x))
+    v = M.random_tangent(x)
+    block = M.transp(x, y, v)
+    monkeypatch.setattr(FixedRankTucker, "_BLOCK_CORE_MAX", 0)
+    terms = M.transp(x, y, v)
+    dense = M.proj_dense(y, M.tangent_to_dense(x, v))
+    assert torch.allclose(block, dense, atol=1e-12)
+    assert torch.allclose(terms, dense, atol=1e-12)

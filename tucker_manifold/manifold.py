@@ -77,6 +77,8 @@ class FixedRankTucker(Manifold):
 
     name = "FixedRankTucker"
     ndim = 1
+    # transp: largest 2r-core (entries) still projected in one block; see transp.
+    _BLOCK_CORE_MAX = 32768
     reversible = False
     __scaling__ = Manifold.__scaling__.copy()
 
@@ -194,24 +196,29 @@ class FixedRankTucker(Manifold):
         return out
 
     # ------------------------------------------------------------- projections
-    def _project(self, core, factors, zcore, zfactors) -> torch.Tensor:
-        """Packed tangent vector of ``P(X) Z`` for ``Z = zcore x_j W_j`` (``W_j = None``: identity).
+    def _project(self, core, factors, terms) -> torch.Tensor:
+        """Packed tangent vector of ``P(X) Z`` for ``Z = sum_t zcore_t x_j W_{t,j}`` (``W = None``: identity).
 
         ``dC = Z x_j U_j^T``; ``dU_i = (I - U_i U_i^T) Mat_i(Z x_{j!=i} U_j^T) Mat_i(C)^+``. With
-        ``B_j = U_j^T W_j`` everything reduces to products with the small ``zcore``.
+        ``B_j = U_j^T W_j`` everything reduces to products with the small ``zcore_t``; the QR of each
+        core unfolding (for ``Mat_i(C)^+``) is shared by all terms.
         """
         d = self.order
-        b = [u.transpose(0, 1) if w is None else u.transpose(0, 1) @ w for u, w in zip(factors, zfactors)]
-        dfactors = []
-        partial = None
-        for i in range(d):
-            partial = multi_mode_dot(zcore, [b[j] if j != i else None for j in range(d)])
-            q, s = _core_qr(core, i)
-            a = _apply_core_pinv(unfold(partial, i), q, s)  # (s_i, r_i)
-            w = zfactors[i]
-            head = a if w is None else w @ a
-            dfactors.append(head - factors[i] @ (b[i] @ a))
-        dcore = mode_dot(partial, b[d - 1], d - 1)
+        qrs = [_core_qr(core, i) for i in range(d)]
+        dcore = None
+        dfactors: list = [None] * d
+        for zcore, zfactors in terms:
+            b = [u.transpose(0, 1) if w is None else u.transpose(0, 1) @ w for u, w in zip(factors, zfactors)]
+            partial = None
+            for i in range(d):
+                partial = multi_mode_dot(zcore, [b[j] if j != i else None for j in range(d)])
+                a = _apply_core_pinv(unfold(partial, i), *qrs[i])  # (s_i, r_i)
+                w = zfactors[i]
+                head = a if w is None else w @ a
+                du = head - factors[i] @ (b[i] @ a)
+                dfactors[i] = du if dfactors[i] is None else dfactors[i] + du
+            dc = mode_dot(partial, b[d - 1], d - 1)
+            dcore = dc if dcore is None else dcore + dc
         return self.pack(dcore, dfactors)
 
     def proj_dense(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -219,7 +226,7 @@ class FixedRankTucker(Manifold):
         if tuple(z.shape) != self.shape:
             raise ValueError(f"z must have shape {self.shape}, got {tuple(z.shape)}")
         core, factors = self.unpack(x)
-        return self._project(core, factors, z, [None] * self.order)
+        return self._project(core, factors, [(z, [None] * self.order)])
 
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Gauge-fix factor coordinates: same ambient tangent tensor, ``U_i^T dU_i = 0``.
@@ -276,16 +283,16 @@ class FixedRankTucker(Manifold):
         return self.inner(x, u, v, keepdim=True)
 
     # ------------------------------------------------------------- retraction / transport
-    def _ambient_tucker(self, core, factors, dcore, dfactors, base_weight: float):
-        """``base_weight * X + xi`` as a Tucker tensor with a ``2r`` core and factors ``[U_i | dU_i]``.
+    def _ambient_tucker(self, core, factors, dcore, dfactors):
+        """``X + xi`` as a Tucker tensor with a ``2r`` core and factors ``[U_i | dU_i]``.
 
-        The corner block holds ``base_weight * C + dC``; the block with index ``r_i:2r_i`` in mode ``i``
+        The corner block holds ``C + dC``; the block with index ``r_i:2r_i`` in mode ``i``
         (and ``:r_j`` elsewhere) holds ``C``.
         """
         d = self.order
         big = core.new_zeros(tuple(2 * r for r in self.ranks))
         corner = tuple(slice(0, r) for r in self.ranks)
-        big[corner] = dcore + base_weight * core if base_weight else dcore
+        big[corner] = dcore + core
         for i, r in enumerate(self.ranks):
             idx = list(corner)
             idx[i] = slice(r, 2 * r)
@@ -302,7 +309,7 @@ class FixedRankTucker(Manifold):
         """
         core, factors = self.unpack(x)
         dcore, dfactors = self.unpack(u, "u")
-        big, wide = self._ambient_tucker(core, factors, dcore, dfactors, 1.0)
+        big, wide = self._ambient_tucker(core, factors, dcore, dfactors)
         qs, rs = zip(*(torch.linalg.qr(w) for w in wide))
         big = multi_mode_dot(big, rs)
         ps = [left_singular(unfold(big, i))[0][:, :r] for i, r in enumerate(self.ranks)]
@@ -317,9 +324,21 @@ class FixedRankTucker(Manifold):
         """Transport ``v`` from ``T_x`` to ``T_y`` by orthogonal projection, in Tucker form."""
         core, factors = self.unpack(x)
         dcore, dfactors = self.unpack(v, "v")
-        big, wide = self._ambient_tucker(core, factors, dcore, dfactors, 0.0)
         ycore, yfactors = self.unpack(y, "y")
-        return self._project(ycore, yfactors, big, wide)
+        if 2 ** self.order * self.core_numel <= self._BLOCK_CORE_MAX:
+            # Small cores: one projection of the 2r-core form (fewest kernel launches).
+            big, wide = self._ambient_tucker(core, factors, dcore, dfactors)
+            big[tuple(slice(0, r) for r in self.ranks)] -= core
+            return self._project(ycore, yfactors, [(big, wide)])
+        # Large cores: the ambient tensor of v is a sum of d + 1 rank-r Tucker terms; projecting them
+        # one by one beats projecting their 2r-core sum (2^d blocks, only d + 1 of them non-zero).
+        # Measured 2-2.4x faster at (256,256,3,3) r=(32,32,3,3), 2.4x slower at (64,64,3,3) r=(8,8,3,3).
+        terms = [(dcore, list(factors))]
+        for k in range(self.order):
+            fs = list(factors)
+            fs[k] = dfactors[k]
+            terms.append((core, fs))
+        return self._project(ycore, yfactors, terms)
 
     def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         y = self.retr(x, u)
