@@ -16,12 +16,11 @@ All functions work on one Tucker tensor (core + factor list); the optimizer in
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Sequence
 
 import torch
 
-from .tucker import left_singular, mode_dot, multi_mode_dot, rank_by_tolerance, unfold
+from .tucker import left_singular, lower_to_multilinear_ranks, mode_dot, multi_mode_dot, rank_by_tolerance, unfold
 
 __all__ = [
     "Reparametrization",
@@ -144,16 +143,7 @@ def galerkin_gradient(dense_grad: torch.Tensor, factors: Sequence[torch.Tensor])
 def enforce_multilinear_ranks(ranks: Sequence[int]) -> list[int]:
     """Lower ranks until ``r_i <= prod_{j!=i} r_j`` for every ``i`` (otherwise the truncated core
     cannot have full multilinear rank). Only ever decreases entries."""
-    ranks = list(ranks)
-    changed = True
-    while changed:
-        changed = False
-        for i in range(len(ranks)):
-            others = math.prod(ranks[:i] + ranks[i + 1 :])
-            if ranks[i] > others:
-                ranks[i] = others
-                changed = True
-    return ranks
+    return lower_to_multilinear_ranks(ranks)
 
 
 class Truncation(NamedTuple):

@@ -32,6 +32,7 @@ __all__ = [
     "TuckerHOSVD",
     "tensorly_pytorch",
     "check_multilinear_ranks",
+    "lower_to_multilinear_ranks",
 ]
 
 
@@ -161,6 +162,21 @@ def check_multilinear_ranks(shape: Sequence[int], ranks: Sequence[int], name: st
                 f"{name} = {ranks} is not a multilinear rank: {name}[{i}] = {r} exceeds the product "
                 f"of the other ranks ({others})"
             )
+    return ranks
+
+
+def lower_to_multilinear_ranks(ranks: Sequence[int]) -> list[int]:
+    """Lower entries until ``r_i <= prod_{j != i} r_j`` for every ``i`` (only ever decreases), e.g.
+    ``[5, 1, 1] -> [1, 1, 1]``; a core truncated to such ranks can have full multilinear rank."""
+    ranks = [int(r) for r in ranks]
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(ranks)):
+            others = math.prod(ranks[:i] + ranks[i + 1 :])
+            if ranks[i] > others:
+                ranks[i] = others
+                changed = True
     return ranks
 
 

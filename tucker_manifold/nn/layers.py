@@ -31,7 +31,7 @@ from geoopt import ManifoldParameter
 from torch import nn
 
 from ..manifold import FixedRankTucker
-from ..tucker import check_multilinear_ranks, multi_mode_dot, reconstruct, truncated_hosvd
+from ..tucker import check_multilinear_ranks, lower_to_multilinear_ranks, multi_mode_dot, reconstruct, truncated_hosvd
 
 __all__ = [
     "TuckerParameter",
@@ -119,15 +119,7 @@ def _random_orthonormal(n: int, r: int, dtype, device, generator=None) -> torch.
 def valid_multilinear_ranks(shape: Sequence[int], ranks: Sequence[int]) -> tuple[int, ...]:
     """Clamp ``ranks`` to ``[1, n_i]`` and lower entries until ``r_i <= prod_{j != i} r_j`` (only ever
     decreases), e.g. ``(64, 3, 3, 3) -> (27, 3, 3, 3)`` for a ``3 -> 64`` 3x3 conv."""
-    r = [max(1, min(int(a), int(n))) for a, n in zip(ranks, shape)]
-    changed = True
-    while changed:
-        changed = False
-        for i in range(len(r)):
-            others = math.prod(r[:i] + r[i + 1 :])
-            if r[i] > others:
-                r[i] = others
-                changed = True
+    r = lower_to_multilinear_ranks([max(1, min(int(a), int(n))) for a, n in zip(ranks, shape)])
     return tuple(r)
 
 
