@@ -276,9 +276,9 @@ class TDLRT(torch.optim.Optimizer):
             gfactors = [g.to(la) for g in m.unpack(p.grad, "grad")[1]]
             rmin, rmax, adaptive = _bounds(p, group)
             new_factors = []
-            for i, (u, g) in enumerate(zip(factors, gfactors)):
-                # Fixed modes at full rank have nothing to gain; fixed modes below full rank still
-                # rotate (augment, then truncate back to their rank).
+            for u, g in zip(factors, gfactors):
+                # A mode at full rank has nothing to gain; fixed modes below full rank still rotate
+                # (augment, then truncate back to their rank).
                 if u.shape[1] >= u.shape[0]:
                     new_factors.append(u)
                 else:
