@@ -20,37 +20,7 @@ from tucker_manifold.flow import (
 )
 from tucker_manifold.tucker import mode_dot, multi_mode_dot, reconstruct, unfold
 
-SEEDS = [0, 1, 2]
-CASES = [
-    ((5, 4), (2, 2)),
-    ((6, 5, 4), (3, 2, 3)),
-    ((5, 4, 6, 3), (2, 3, 2, 3)),
-    ((4, 3, 3, 2, 3), (2, 2, 3, 2, 2)),
-    ((8, 8, 3, 3), (3, 3, 3, 3)),
-]
-CASE_IDS = ["x".join(map(str, s)) for s, _ in CASES]
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)  # small shapes; avoids OpenMP spin-wait slowdowns on shared cores
-    torch.manual_seed(1234)
-    yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(params=SEEDS)
-def seed(request):
-    torch.manual_seed(request.param)
-    return request.param
-
-
-@pytest.fixture(params=CASES, ids=CASE_IDS)
-def case(request, seed):
-    return request.param
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def point(case):
