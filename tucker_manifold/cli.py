@@ -49,28 +49,24 @@ class CLIError(Exception):
 
 
 # ------------------------------------------------------------------------------------ argument types
-def _positive_int(name):
+def _int_at_least(name, low):
     def parse(s):
         try:
             v = int(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an int >= 1, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be an int >= 1, got {s!r}")
+            raise argparse.ArgumentTypeError(f"{name} must be an int >= {low}, got {s!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{name} must be an int >= {low}, got {s!r}")
         return v
     return parse
+
+
+def _positive_int(name):
+    return _int_at_least(name, 1)
 
 
 def _nonneg_int(name):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an int >= 0, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be an int >= 0, got {s!r}")
-        return v
-    return parse
+    return _int_at_least(name, 0)
 
 
 def _float(name, lo=None, hi=None, lo_open=False, hi_open=False):
