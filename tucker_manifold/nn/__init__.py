@@ -8,10 +8,16 @@
 * CP / matrix baselines (:class:`CPConv2d`, :class:`MatrixConv2d`, :class:`CPLinear`, :class:`MatrixLinear`,
   :func:`factorize_model`) when ``baselines`` is available.
 """
+from .base import FactorizedConv2d, FactorizedLayer, is_conv_layer, is_factorized_layer, parse_conv_args
 from .layers import TuckerConv2d, TuckerLayer, TuckerLinear, TuckerParameter, decaying_core
 from .tuckerize import compression_rate, ranks, tucker_layers, tucker_parameters, tuckerize
 
 __all__ = [
+    "FactorizedLayer",
+    "FactorizedConv2d",
+    "is_conv_layer",
+    "is_factorized_layer",
+    "parse_conv_args",
     "TuckerConv2d",
     "TuckerLinear",
     "TuckerLayer",
