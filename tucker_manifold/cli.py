@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import runpy
 import sys
 import time
 from pathlib import Path
@@ -201,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the check")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
-                       description="Run benchmarks/NAME.py of the source checkout (found from the current "
-                                   "folder or the package's repository); extra arguments are passed on.")
+    p = sub.add_parser("bench", help="run a benchmark (tucker_manifold.benchmarks)",
+                       description="Run the benchmark NAME (tucker_manifold.benchmarks.NAME.main) with the "
+                                   "arguments after NAME; outputs go to ./runs/bench/NAME unless --out DIR.")
     p.add_argument("name", nargs="?", default=None, help="benchmark name (omit to list them)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the script (e.g. --help)")
     p.set_defaults(func=cmd_bench)
@@ -411,45 +410,23 @@ def cmd_check(args, extra: list[str]) -> int:
     return worst
 
 
-def _benchmarks_dirs() -> list[Path]:
-    """Candidate benchmarks/ folders: the current folder and its parents, then the package's checkout."""
-    cands = []
-    cwd = Path.cwd().resolve()
-    for d in (cwd, *cwd.parents):
-        cands.append(d / "benchmarks")
-    cands.append(Path(__file__).resolve().parent.parent / "benchmarks")
-    seen, out = set(), []
-    for c in cands:
-        if c not in seen and c.is_dir():
-            seen.add(c)
-            out.append(c)
-    return out
-
-
 def cmd_bench(args, extra: list[str]) -> int:
-    dirs = _benchmarks_dirs()
-    if not dirs:
-        raise CLIError("no benchmarks/ folder found: run from the source checkout (benchmarks/ is not installed "
-                       "with the package)")
-    available = sorted({p.stem for d in dirs for p in d.glob("*.py") if not p.name.startswith("_")})
+    from .benchmarks import BENCHMARKS
+
     if args.name is None:
-        print("benchmarks: " + (", ".join(available) if available else "(none)") + f"  (in {dirs[0]})")
+        print("benchmarks (tucker-manifold bench NAME [--help]):")
+        for name, what in BENCHMARKS.items():
+            print(f"  {name:<16} {what}")
         return 0
     name = args.name[:-3] if args.name.endswith(".py") else args.name
-    script = next((d / f"{name}.py" for d in dirs if (d / f"{name}.py").is_file()), None)
-    if script is None:
-        raise CLIError(f"benchmark {args.name!r} not found in {', '.join(map(str, dirs))}; available: "
-                       f"{', '.join(available) or '(none)'}")
-    old_argv = sys.argv
-    sys.argv = [str(script), *args.args, *extra]
+    if name not in BENCHMARKS:
+        raise CLIError(f"unknown benchmark {args.name!r}; available: {', '.join(BENCHMARKS)}")
+    main_fn = importlib.import_module(f"tucker_manifold.benchmarks.{name}").main
     try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-        return 0 if code is None else (code if isinstance(code, int) else 1)
-    finally:
-        sys.argv = old_argv
-    return 0
+        rc = main_fn([*args.args, *extra])
+    except SystemExit as e:  # argparse --help / errors inside the benchmark
+        rc = e.code
+    return 0 if rc is None else (rc if isinstance(rc, int) else 1)
 
 
 # ------------------------------------------------------------------------------------ entry point

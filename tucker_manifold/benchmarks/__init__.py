@@ -1,0 +1,15 @@
+"""Benchmarks shipped with the package, so that ``tucker-manifold bench NAME`` works from an installed
+wheel. Each is a module ``tucker_manifold.benchmarks.<name>`` with ``main(argv) -> int``; outputs go to
+``./runs/bench/<name>`` unless ``--out DIR`` is given. The repository's ``benchmarks/<name>.py`` are
+thin wrappers around these modules, and ``benchmarks/results/`` holds the committed reference figures
+(regenerated only with an explicit ``--out benchmarks/results``).
+"""
+
+#: benchmark name -> what it measures
+BENCHMARKS = {
+    "step_time": "ms per training step and peak memory: dense, vanilla Tucker, geoopt fixed-rank, TDLRT",
+    "geometry": "egrad2rgrad + retraction + transport in Tucker form vs the same on dense tensors",
+    "forward_choice": "TuckerConv2d's factorized vs reconstructed forward, and whether 'auto' picks the faster",
+}
+
+__all__ = ["BENCHMARKS"]
