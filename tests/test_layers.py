@@ -24,6 +24,7 @@ from tucker_manifold.nn import (
     tuckerize,
 )
 from tucker_manifold.nn.layers import valid_multilinear_ranks
+from tucker_manifold.parameter import RankBounds, set_point
 from tucker_manifold.tucker import unfold
 
 DT = torch.float64
@@ -172,14 +173,14 @@ def test_set_point_changes_ranks_in_place():
         layer.set_point(torch.zeros(3, dtype=DT), m2)
 
 
-def test_optimizer_hook_keeps_rank_buffer_in_sync():
-    from tucker_manifold.optim import set_tucker_point
-
+def test_contract_set_point_is_recorded_in_the_state_dict():
     layer = TuckerConv2d(6, 8, 3, (4, 4, 3, 3), dtype=DT)
     m2 = FixedRankTucker(layer.shape, (3, 2, 3, 3))
     core, factors = m2.unpack(m2.random(dtype=DT))
-    set_tucker_point(layer.tucker_weight, core, factors)
-    assert layer.tucker_ranks.tolist() == [3, 2, 3, 3]
+    set_point(layer.tucker_weight, core, factors)  # what an optimizer does: no callback into the layer
+    assert layer.ranks == (3, 2, 3, 3)
+    assert layer.state_dict()["tucker_ranks"].tolist() == [3, 2, 3, 3]
+    assert layer.tucker_ranks.tolist() == [3, 2, 3, 3]  # the pre-hook wrote the buffer itself
 
 
 def test_state_dict_with_changed_ranks_loads_into_fresh_model():
@@ -213,7 +214,7 @@ def test_state_dict_with_changed_ranks_loads_into_fresh_model():
     assert torch.equal(fresh(x), model(x))
     for (_, a), (_, b) in zip(tucker_layers(fresh), tucker_layers(model)):
         assert torch.equal(a.tucker_weight, b.tucker_weight)
-        assert a.tucker_weight.rank_max == b.tucker_weight.rank_max
+        assert a.tucker_weight.bounds == b.tucker_weight.bounds
 
 
 def test_deepcopy_and_pickle_keep_parameter_attributes():
@@ -224,13 +225,12 @@ def test_deepcopy_and_pickle_keep_parameter_attributes():
     for other in [copy.deepcopy(layer), torch.load(buf, weights_only=False)]:
         p = other.tucker_weight
         assert isinstance(p, ManifoldParameter) and p is not layer.tucker_weight
-        assert (p.rank_min, p.rank_max, p.adaptive_modes) == ((1, 1, 1, 1), (5, 4, 3, 3), (True, True, False, False))
+        assert p.bounds == RankBounds((1, 1, 1, 1), (5, 4, 3, 3), (True, True, False, False))
         m = FixedRankTucker(other.shape, (3, 3, 3, 3))
         core, factors = m.unpack(m.random(dtype=DT))
-        from tucker_manifold.optim import set_tucker_point
-
-        set_tucker_point(p, core, factors)  # the hook points at the copy, not the original
-        assert other.tucker_ranks.tolist() == [3, 3, 3, 3] and layer.tucker_ranks.tolist() == [2, 2, 3, 3]
+        set_point(p, core, factors)  # the copy's hooks act on the copy, not on the original
+        assert other.state_dict()["tucker_ranks"].tolist() == [3, 3, 3, 3]
+        assert layer.state_dict()["tucker_ranks"].tolist() == [2, 2, 3, 3] and layer.ranks == (2, 2, 3, 3)
 
 
 # ------------------------------------------------------------------------------------ construction
@@ -240,15 +240,13 @@ def test_parameter_carries_rank_attributes():
     assert isinstance(p, ManifoldParameter) and isinstance(p.manifold, FixedRankTucker)
     assert [n for n, _ in conv.named_parameters()] == ["tucker_weight", "bias"]
     assert p.manifold.ranks == conv.ranks == (4, 4, 3, 3) and p.shape == (p.manifold.packed_size,)
-    assert p.rank_min == (1, 1, 1, 1) and p.rank_max == (16, 8, 3, 3)
-    assert p.adaptive_modes == (True, True, False, False)
+    assert p.bounds == RankBounds((1, 1, 1, 1), (16, 8, 3, 3), (True, True, False, False))
     conv = TuckerConv2d(8, 16, 3, 4, rank_min=2, rank_max=(10, 6, 3, 3), adaptive_modes=(True, True, True, False))
     p = conv.tucker_weight
-    assert p.rank_min == (2, 2, 2, 1) and p.rank_max == (10, 6, 3, 3)
-    assert p.adaptive_modes == (True, True, True, False)
+    assert p.bounds == RankBounds((2, 2, 2, 1), (10, 6, 3, 3), (True, True, True, False))
     lin = TuckerLinear(10, 6, 4, rank_max=5)
     q = lin.tucker_weight
-    assert q.rank_min == (1, 1) and q.rank_max == (5, 5) and q.adaptive_modes == (True, True)
+    assert q.bounds == RankBounds((1, 1), (5, 5), (True, True))
     with pytest.raises(ValueError, match="rank"):
         TuckerConv2d(8, 16, 3, 4, rank_min=(5, 1, 1, 1), rank_max=(4, 8, 3, 3))
     with pytest.raises(ValueError, match="adaptive_modes"):
@@ -370,7 +368,7 @@ def test_tuckerize_replaces_the_right_modules():
     assert isinstance(model.features[0], TuckerConv2d) and isinstance(model.features[2], TuckerConv2d)
     assert type(model.features[3]) is nn.Conv2d and type(model.fc) is nn.Linear
     assert set(ranks(model)) == {"features.0", "features.2"}
-    assert model.features[0].tucker_weight.adaptive_modes == (True, True, False, False)
+    assert model.features[0].tucker_weight.bounds.adaptive == (True, True, False, False)
     assert len(tucker_parameters(model)) == 2 and [n for n, _ in tucker_layers(model)] == ["features.0", "features.2"]
     # full rank (clamped to valid: 8 <= 3*3*3) reproduces the dense model
     ref = _model()
@@ -410,11 +408,11 @@ def test_tuckerize_rank_rules():
     assert ranks(m) == {"features.0": (4, 2, 2, 2), "features.2": (8, 4, 2, 2)}
     m = tuckerize(_model(), rank_fraction=0.3, adapt="all")  # (3,1,1,1), (5,3,1,1) lowered to valid ranks
     assert ranks(m) == {"features.0": (1, 1, 1, 1), "features.2": (3, 3, 1, 1)}
-    assert m.features[2].tucker_weight.adaptive_modes == (True,) * 4
+    assert m.features[2].tucker_weight.bounds.adaptive == (True,) * 4
     m = tuckerize(_model(), rank_fraction=0.5, rank_min=3, rank_max=6)
     assert ranks(m) == {"features.0": (4, 3, 3, 3), "features.2": (6, 4, 3, 3)}
-    assert m.features[2].tucker_weight.rank_min == (3, 3, 1, 1)
-    assert m.features[2].tucker_weight.rank_max == (6, 6, 3, 3)
+    assert m.features[2].tucker_weight.bounds.rmin == (3, 3, 1, 1)
+    assert m.features[2].tucker_weight.bounds.rmax == (6, 6, 3, 3)
     m = tuckerize(_model())  # default rank_fraction=0.5
     assert ranks(m) == {"features.0": (4, 2, 3, 3), "features.2": (8, 4, 3, 3)}
     m = tuckerize(_model(), rank_fraction=0.5, init="random")

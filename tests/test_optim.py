@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tucker_manifold import FixedRankTucker
-from tucker_manifold.optim import TDLRT, set_tucker_point
+from tucker_manifold.optim import TDLRT
+from tucker_manifold.parameter import RankBounds, make_tucker_parameter, set_point
 from tucker_manifold.tucker import multi_mode_dot, truncated_hosvd, unfold
 
 SEEDS = [0, 1, 2]
@@ -110,9 +111,7 @@ def test_ranks_fall_as_tau_grows_and_respect_bounds(seed):
 
 def test_parameter_rank_attributes_and_fixed_modes():
     p, a = make_problem(0, shape=(8, 7, 3, 3), ranks=(2, 2, 3, 2), target_ranks=(4, 4, 3, 3))
-    p.adaptive_modes = (True, True, False, False)
-    p.rank_min = (1, 1, 3, 2)
-    p.rank_max = (3, 6, 3, 3)
+    p = make_tucker_parameter(p.detach(), p.manifold, RankBounds((1, 1, 3, 2), (3, 6, 3, 3), (True, True, False, False)))
     opt = TDLRT([p], lr=0.3, tau=0.0)
     for _ in range(6):
         opt.step(quad_closure(p, a))
@@ -248,7 +247,7 @@ def test_optimizer_state_dict_round_trip_with_changed_ranks():
     m = p.manifold
     q = geoopt.ManifoldParameter(FixedRankTucker(m.shape, (2, 2, 2)).random(), manifold=FixedRankTucker(m.shape, (2, 2, 2)))
     core, factors = m.unpack(p.detach())
-    set_tucker_point(q, core.clone(), [f.clone() for f in factors])
+    set_point(q, core.clone(), [f.clone() for f in factors])
     opt2 = TDLRT([q], lr=0.1, tau=0.05, momentum=0.9)
     opt2.load_state_dict(sd)
     for _ in range(3):

@@ -30,6 +30,9 @@ __all__ = [
     "k_step",
     "augment_basis",
     "augment_bases",
+    "augment_tucker_bases",
+    "Lift",
+    "lift",
     "lift_core",
     "galerkin_gradient",
     "Truncation",
@@ -129,10 +132,35 @@ def augment_bases(
     return [augment_basis(u, g, max_rank=m) if a else u for u, g, a, m in zip(factors, grads, modes, max_ranks)]
 
 
+def augment_tucker_bases(factors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Augmented bases of one Tucker point, as TDLRT's step takes them: every mode augmented with its
+    factor gradient (:func:`augment_bases`; a mode at full rank ``r_i = n_i`` has nothing to gain and is
+    kept; modes of fixed rank below ``n_i`` are augmented too, so that they can rotate), then trimmed to
+    a valid multilinear rank (:func:`enforce_multilinear_ranks`). Trimming only drops trailing new
+    columns: the bound is never below the old rank. ``[(n_i, r_i)] -> [(n_i, r^_i)]``, ``U_i`` leading."""
+    new = augment_bases(factors, grads)
+    sizes = enforce_multilinear_ranks([f.shape[1] for f in new])
+    return [f if f.shape[1] == s else f[:, :s] for f, s in zip(new, sizes)]
+
+
+class Lift(NamedTuple):
+    """Result of :func:`lift`: the lifted ``core (r^_1..r^_d)`` and the maps ``maps[i] = U^_i^T U_i``
+    ``(r^_i, r_i)`` (also what carries core-coordinate optimizer state into the new bases)."""
+
+    core: torch.Tensor
+    maps: list[torch.Tensor]
+
+
+def lift(core: torch.Tensor, old_factors: Sequence[torch.Tensor], new_factors: Sequence[torch.Tensor]) -> Lift:
+    """:func:`lift_core` together with its per-mode maps ``U^_i^T U_i``."""
+    maps = [nu.transpose(0, 1) @ ou for nu, ou in zip(new_factors, old_factors)]
+    return Lift(multi_mode_dot(core, maps), maps)
+
+
 def lift_core(core: torch.Tensor, old_factors: Sequence[torch.Tensor], new_factors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Exact core lift ``C^ = C x_i (U^_i^T U_i)``: ``C^ x_i U^_i = C x_i U_i`` whenever
     ``span U^_i ⊇ span U_i``, so the loss is unchanged. ``(r_1..r_d) -> (r^_1..r^_d)``."""
-    return multi_mode_dot(core, [nu.transpose(0, 1) @ ou for nu, ou in zip(new_factors, old_factors)])
+    return lift(core, old_factors, new_factors).core
 
 
 def galerkin_gradient(dense_grad: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -29,60 +29,27 @@ emits a warning and counts it in ``skipped_steps``.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 import warnings
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from geoopt import ManifoldParameter
 
-from .flow import augment_basis, enforce_multilinear_ranks, lift_core, truncate_core
+from .flow import Truncation, augment_tucker_bases, lift, truncate_core
 from .manifold import FixedRankTucker
+from .parameter import RankBounds, core_grad_only, is_tucker_parameter, rank_bounds, set_point
 from .tucker import multi_mode_dot
 
-__all__ = ["TDLRT", "is_tucker_parameter", "set_tucker_point"]
+__all__ = ["TDLRT", "TuckerPlan"]
 
-
-@functools.lru_cache(maxsize=4096)
-def _manifold(shape: tuple[int, ...], ranks: tuple[int, ...]) -> FixedRankTucker:
-    return FixedRankTucker(shape, ranks)
-
-
-def is_tucker_parameter(p: torch.Tensor) -> bool:
-    """True for a ``ManifoldParameter`` whose manifold is a :class:`FixedRankTucker`."""
-    return isinstance(p, ManifoldParameter) and isinstance(p.manifold, FixedRankTucker)
-
-
-def set_tucker_point(p: ManifoldParameter, core: torch.Tensor, factors: Sequence[torch.Tensor]) -> None:
-    """Replace a Tucker parameter's data and manifold in place (same Parameter object), at the
-    ranks of ``core``. Its gradient is dropped (its shape may have changed)."""
-    shape = tuple(f.shape[0] for f in factors)
-    ranks = tuple(core.shape)
-    m = _manifold(shape, ranks)
-    p.data = m.pack(core.to(p.dtype), [f.to(p.dtype) for f in factors])
-    p.manifold = m
-    p.grad = None
-    # Layers mirror the ranks in a buffer for checkpoints; tell them (see nn.layers).
-    hook = getattr(p, "_on_point_change", None)
-    if hook is not None:
-        hook()
-
-
-def _bounds(p: ManifoldParameter, group: dict) -> tuple[list[int], list[int], list[bool]]:
-    """Per-mode (rmin, rmax, adaptive) from the parameter's attributes and the group's overrides."""
-    m: FixedRankTucker = p.manifold
-    d = m.order
-    adaptive = list(getattr(p, "adaptive_modes", None) or [True] * d)
-    rmin = list(getattr(p, "rank_min", None) or [1] * d)
-    rmax = list(getattr(p, "rank_max", None) or list(m.shape))
-    if group["rmin"] is not None:
-        rmin = [max(a, group["rmin"]) if ad else a for a, ad in zip(rmin, adaptive)]
-    if group["rmax"] is not None:
-        rmax = [min(a, group["rmax"]) if ad else a for a, ad in zip(rmax, adaptive)]
-    rmax = [min(r, n) for r, n in zip(rmax, m.shape)]
-    rmin = [min(a, b) for a, b in zip(rmin, rmax)]
-    return rmin, rmax, adaptive
+_NO_TUCKER = (
+    "TDLRT: no Tucker parameter among params. Convert the model first, e.g. "
+    "model = tucker_manifold.nn.tuckerize(model, linear=True) (nn.Linear layers are converted only with "
+    "linear=True; tuckerize(..., return_summary=True) says which modules were skipped and why), and pass "
+    "model.parameters(); for a model without Tucker layers use a torch.optim optimizer"
+)
 
 
 def _lift_second_moment(v: torch.Tensor, maps: Sequence[torch.Tensor], old_ranks: Sequence[int]) -> torch.Tensor:
@@ -95,13 +62,51 @@ def _lift_second_moment(v: torch.Tensor, maps: Sequence[torch.Tensor], old_ranks
     return out
 
 
+@dataclasses.dataclass(eq=False)
+class TuckerPlan:
+    """What one :meth:`TDLRT.step` does to one Tucker parameter, and what undoes it.
+
+    Filled in order: :meth:`TDLRT._plan` (``p`` .. ``grads``), :meth:`TDLRT._augment` (``bases``,
+    ``maps``, ``lifted``), :meth:`TDLRT._core_step` (``core_grad``, ``stepped``), :meth:`TDLRT._truncate`
+    (``truncation``). Tensors other than ``old_data`` are in the linear-algebra dtype ``la``.
+    """
+
+    p: ManifoldParameter
+    group: dict
+    #: the parameter's rank bounds tightened by the group's ``rmin`` / ``rmax``
+    bounds: RankBounds
+    #: the point before the step (rollback restores it)
+    old_data: torch.Tensor
+    old_manifold: FixedRankTucker
+    #: float32 or float64: QR / SVD never run in half precision
+    la: torch.dtype
+    #: core ``(r_1..r_d)`` and factors ``[(n_i, r_i)]`` at the start of the step
+    core: torch.Tensor
+    factors: list[torch.Tensor]
+    #: pass-1 factor gradients ``[(n_i, r_i)]``
+    grads: list[torch.Tensor]
+    #: augmented bases ``[(n_i, r^_i)]`` (``U_i`` leading), maps ``U^_i^T U_i`` and the lifted core
+    bases: Optional[list[torch.Tensor]] = None
+    maps: Optional[list[torch.Tensor]] = None
+    lifted: Optional[torch.Tensor] = None
+    #: pass-2 gradient of the augmented core, and the augmented core after the base-rule step
+    core_grad: Optional[torch.Tensor] = None
+    stepped: Optional[torch.Tensor] = None
+    truncation: Optional[Truncation] = None
+
+    @property
+    def old_ranks(self) -> tuple[int, ...]:
+        return self.old_manifold.ranks
+
+
 class TDLRT(torch.optim.Optimizer):
     """Rank-adaptive Tucker integrator (TDLRT) with an SGD or Adam base rule.
 
     Parameters
     ----------
     params : iterable of parameters or dicts
-        All model parameters; Tucker parameters are recognised by their manifold.
+        All model parameters; Tucker parameters (:func:`tucker_manifold.parameter.is_tucker_parameter`,
+        1-D packed points) are recognised by their manifold. At least one is required.
     lr : float
         Learning rate ``h``.
     tau : float
@@ -113,7 +118,12 @@ class TDLRT(torch.optim.Optimizer):
         (``weight_decay`` is decoupled for ``adamw`` and L2 for ``sgd`` / ``adam``).
     betas, eps : Adam options.
     rmin, rmax : int, optional
-        Rank bounds for adaptive modes, combined with each parameter's ``rank_min`` / ``rank_max``.
+        Rank bounds for adaptive modes, combined with each parameter's declared
+        :class:`~tucker_manifold.parameter.RankBounds`.
+
+    The step is orchestration of :mod:`tucker_manifold.flow`; subclasses change one stage by
+    overriding :meth:`_pass` (one gradient evaluation), :meth:`_augment`, :meth:`_core_step`,
+    :meth:`_truncate` (all parameters at once), :meth:`_dense_step` or :meth:`_rollback`.
     """
 
     def __init__(
@@ -155,24 +165,75 @@ class TDLRT(torch.optim.Optimizer):
             weight_decay=weight_decay, betas=betas, eps=eps, rmin=rmin, rmax=rmax,
         )
         super().__init__(params, defaults)
+        if not any(is_tucker_parameter(p) for _, p in self._all_params()):
+            raise ValueError(_NO_TUCKER)
         self.skipped_steps = 0
         #: per Tucker parameter, what the last step did: ranks, truncation error, core-gradient norm
         self.last_step_info: list[dict] = []
 
-    # ------------------------------------------------------------------ helpers
-    def _all_params(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                yield group, p
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if is_tucker_parameter(p) and p.dim() != 1:
+                raise ValueError(
+                    f"batched Tucker parameters are not supported by TDLRT; use geoopt's optimizers "
+                    f"(got a parameter of shape {tuple(p.shape)}, TDLRT needs 1-D packed points)"
+                )
 
-    def _zero_grads(self) -> None:
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None) -> torch.Tensor:  # type: ignore[override]
+        """One TDLRT step. ``closure`` must zero the gradients, run forward and backward and return
+        the loss; it is called exactly twice. Returns the loss of pass 1."""
+        if closure is None:
+            raise ValueError("TDLRT.step needs a closure (it evaluates the gradient twice)")
+        # Pass 1: factor gradients at (C, U); the other parameters' gradients would be discarded.
+        loss, ok = self._pass(closure, tucker_only=True)
+        if not ok:
+            self._skip("1")
+            return loss
+        plans = self._plan()
+        self._augment(plans)
+        # Pass 2: core gradients at (C^, U^) and the gradients of every other parameter.
+        _, ok = self._pass(closure, core_only=[plan.p for plan in plans])
+        if not ok:
+            self._rollback(plans)
+            self._skip("2")
+            return loss
+        for plan in plans:
+            self._core_step(plan)
+        self._truncate(plans)
+        self._dense_step()
+        return loss
+
+    # ------------------------------------------------------------------ stages
+    def _pass(
+        self, closure: Callable, tucker_only: bool = False, core_only: Sequence[torch.Tensor] = ()
+    ) -> tuple[torch.Tensor, bool]:
+        """One gradient evaluation: ``(detached loss, loss and every gradient finite)``.
+
+        ``tucker_only``: autograd skips the gradients of non-Tucker parameters (e.g. the first layer's
+        whole backward). ``core_only``: Tucker parameters whose factor gradients are not needed
+        (:func:`~tucker_manifold.parameter.core_grad_only`)."""
         for _, p in self._all_params():
             p.grad = None
-
-    def _run_pass(self, closure: Callable) -> tuple[torch.Tensor, bool]:
-        self._zero_grads()
-        with torch.enable_grad():
-            loss = closure()
+        frozen = [p for _, p in self._all_params() if p.requires_grad and not is_tucker_parameter(p)] if tucker_only else []
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with torch.enable_grad(), core_grad_only(core_only):
+                loss = closure()
+        except RuntimeError as e:
+            if "invalid gradient" in str(e):
+                raise RuntimeError(
+                    "TDLRT changed a Tucker parameter's size, but an autograd graph built before this step "
+                    "still references it (e.g. a loss tensor kept from an earlier loop): delete it (`del loss`) "
+                    "or detach it before calling step()"
+                ) from e
+            raise
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         if loss is None:
             raise ValueError("TDLRT.step needs a closure that returns the loss")
         # Drop the graph now: it pins autograd's gradient accumulators, which remember the old
@@ -181,6 +242,79 @@ class TDLRT(torch.optim.Optimizer):
         flags = [torch.isfinite(loss).all()]
         flags += [torch.isfinite(p.grad).all() for _, p in self._all_params() if p.grad is not None]
         return loss, bool(torch.stack(flags).all())
+
+    def _plan(self) -> list[TuckerPlan]:
+        """One :class:`TuckerPlan` per Tucker parameter that has a pass-1 gradient."""
+        plans = []
+        for group, p in self._all_params():
+            if p.grad is None or not is_tucker_parameter(p):
+                continue
+            m: FixedRankTucker = p.manifold
+            la = torch.float64 if p.dtype == torch.float64 else torch.float32
+            core, factors = m.unpack(p.data)
+            plans.append(TuckerPlan(
+                p=p, group=group, bounds=rank_bounds(p).with_overrides(m.shape, group["rmin"], group["rmax"]),
+                old_data=p.data, old_manifold=m, la=la, core=core.to(la), factors=[f.to(la) for f in factors],
+                grads=[g.to(la) for g in m.unpack(p.grad, "grad")[1]],
+            ))
+        return plans
+
+    def _augment(self, plans: Sequence[TuckerPlan]) -> None:
+        """Augment every basis with its factor gradient and lift the core exactly; the parameters then
+        hold ``(C^, U^)`` (same loss)."""
+        for plan in plans:
+            plan.bases = augment_tucker_bases(plan.factors, plan.grads)
+            plan.lifted, plan.maps = lift(plan.core, plan.factors, plan.bases)
+            set_point(plan.p, plan.lifted, plan.bases)
+
+    def _core_step(self, plan: TuckerPlan) -> None:
+        """Base-rule step on the augmented core with its pass-2 gradient; optimizer state is first
+        carried into the augmented bases."""
+        p = plan.p
+        core = p.manifold.unpack(p.data)[0].to(plan.la)
+        plan.core_grad = p.manifold.unpack(p.grad, "grad")[0].to(plan.la) if p.grad is not None else torch.zeros_like(core)
+        state = self.state[p]
+        self._transform_state(state, plan.maps, plan.old_ranks, transpose=False)
+        plan.stepped = self._base_update(plan.group, state, core, plan.core_grad)
+
+    def _truncate(self, plans: Sequence[TuckerPlan]) -> None:
+        """Truncate every stepped core by its group's ``tau`` within its bounds and set the new points.
+        A global rank allocation overrides this (it sees all parameters at once) and calls
+        :meth:`_apply_truncation`."""
+        self.last_step_info = []
+        for plan in plans:
+            b = plan.bounds
+            tr = truncate_core(plan.stepped, plan.group["tau"], b.rmin, b.rmax, b.adaptive, plan.old_ranks)
+            self._apply_truncation(plan, tr)
+
+    def _apply_truncation(self, plan: TuckerPlan, tr: Truncation) -> None:
+        """Set ``U_i <- U^_i P_i``, ``C <- C'``, carry the state along and record ``last_step_info``."""
+        plan.truncation = tr
+        self._transform_state(self.state[plan.p], tr.transforms, tr.ranks, transpose=True)
+        set_point(plan.p, tr.core, [u @ t for u, t in zip(plan.bases, tr.transforms)])
+        self.last_step_info.append(dict(
+            ranks=tr.ranks, truncation_error=float(tr.error),
+            core_grad_norm=float(torch.linalg.vector_norm(plan.core_grad)), augmented_ranks=tuple(plan.stepped.shape),
+        ))
+
+    def _dense_step(self) -> None:
+        """Base-rule step on every non-Tucker parameter with its pass-2 gradient."""
+        for group, p in self._all_params():
+            if p.grad is None or is_tucker_parameter(p):
+                continue
+            p.copy_(self._base_update(group, self.state[p], p, p.grad))
+
+    def _rollback(self, plans: Sequence[TuckerPlan]) -> None:
+        """Put every parameter back at its point from before the step (bit-identical; state untouched)."""
+        for plan in plans:
+            core, factors = plan.old_manifold.unpack(plan.old_data)
+            set_point(plan.p, core, factors)
+
+    # ------------------------------------------------------------------ helpers
+    def _all_params(self) -> Iterator[tuple[dict, torch.Tensor]]:
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield group, p
 
     def _skip(self, which: str) -> None:
         self.skipped_steps += 1
@@ -239,113 +373,6 @@ class TDLRT(torch.optim.Optimizer):
                 state["exp_avg_sq"] = multi_mode_dot(v, [mp * mp for mp in ms])
             else:
                 state["exp_avg_sq"] = _lift_second_moment(v, ms, old_ranks)
-
-    # ------------------------------------------------------------------ the step
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable] = None) -> torch.Tensor:  # type: ignore[override]
-        """One TDLRT step. ``closure`` must zero the gradients, run forward and backward and return
-        the loss; it is called exactly twice. Returns the loss of pass 1."""
-        if closure is None:
-            raise ValueError("TDLRT.step needs a closure (it evaluates the gradient twice)")
-
-        # Pass 1: factor gradients at (C, U). The other parameters' gradients would be discarded, so
-        # autograd is told not to compute them (this skips e.g. the first layer's backward entirely).
-        frozen = [p for _, p in self._all_params() if p.requires_grad and not is_tucker_parameter(p)]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            loss, ok = self._run_pass(closure)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-        if not ok:
-            self._skip("1")
-            return loss
-
-        # Augment bases and lift cores; remember everything needed to roll back.
-        plans = []
-        for group, p in self._all_params():
-            if not is_tucker_parameter(p):
-                continue
-            m: FixedRankTucker = p.manifold
-            la = torch.float64 if p.dtype == torch.float64 else torch.float32  # QR/SVD never in half
-            if p.grad is None:
-                continue
-            core, factors = m.unpack(p.data)
-            core, factors = core.to(la), [f.to(la) for f in factors]
-            gfactors = [g.to(la) for g in m.unpack(p.grad, "grad")[1]]
-            rmin, rmax, adaptive = _bounds(p, group)
-            new_factors = []
-            for u, g in zip(factors, gfactors):
-                # A mode at full rank has nothing to gain; fixed modes below full rank still rotate
-                # (augment, then truncate back to their rank).
-                if u.shape[1] >= u.shape[0]:
-                    new_factors.append(u)
-                else:
-                    new_factors.append(augment_basis(u, g))
-            # The augmented sizes must still form a valid multilinear rank; trimming only ever drops
-            # trailing new columns (the bound is >= the old rank).
-            sizes = enforce_multilinear_ranks([f.shape[1] for f in new_factors])
-            new_factors = [f[:, :s] for f, s in zip(new_factors, sizes)]
-            maps = [nu.transpose(0, 1) @ u for nu, u in zip(new_factors, factors)]
-            lifted = multi_mode_dot(core, maps)
-            plans.append(dict(group=group, p=p, old_data=p.data, old_manifold=m, la=la, maps=maps,
-                              factors=new_factors, rmin=rmin, rmax=rmax, adaptive=adaptive,
-                              old_ranks=m.ranks))
-            set_tucker_point(p, lifted, new_factors)
-
-        # Pass 2: core gradients at (C^, U^), gradients of all other parameters. Layers that honour
-        # `core_grad_only` skip the (unused) factor gradients.
-        for plan in plans:
-            plan["p"].core_grad_only = True
-        try:
-            loss2, ok = self._run_pass(closure)
-        except RuntimeError as e:
-            if "invalid gradient" in str(e):
-                raise RuntimeError(
-                    "TDLRT changed a Tucker parameter's size, but an autograd graph built before this step "
-                    "still references it (e.g. a loss tensor kept from an earlier loop): delete it (`del loss`) "
-                    "or detach it before calling step()"
-                ) from e
-            raise
-        finally:
-            for plan in plans:
-                plan["p"].core_grad_only = False
-        if not ok:
-            for plan in plans:
-                p = plan["p"]
-                p.data, p.manifold, p.grad = plan["old_data"], plan["old_manifold"], None
-                hook = getattr(p, "_on_point_change", None)
-                if hook is not None:
-                    hook()
-            self._skip("2")
-            return loss
-
-        self.last_step_info = []
-        for plan in plans:
-            p, group = plan["p"], plan["group"]
-            m: FixedRankTucker = p.manifold
-            la = plan["la"]
-            core = m.unpack(p.data)[0].to(la)
-            gcore = m.unpack(p.grad, "grad")[0].to(la) if p.grad is not None else torch.zeros_like(core)
-            state = self.state[p]
-            self._transform_state(state, plan["maps"], plan["old_ranks"], transpose=False)
-            new_core = self._base_update(group, state, core, gcore)
-            tr = truncate_core(new_core, group["tau"], plan["rmin"], plan["rmax"], plan["adaptive"], plan["old_ranks"])
-            self._transform_state(state, tr.transforms, tr.ranks, transpose=True)
-            factors = [u @ t for u, t in zip(plan["factors"], tr.transforms)]
-            set_tucker_point(p, tr.core, factors)
-            self.last_step_info.append(dict(
-                ranks=tr.ranks, truncation_error=float(tr.error),
-                core_grad_norm=float(torch.linalg.vector_norm(gcore)), augmented_ranks=tuple(core.shape),
-            ))
-
-        for group, p in self._all_params():
-            if is_tucker_parameter(p) or p.grad is None:
-                continue
-            state = self.state[p]
-            p.copy_(self._base_update(group, state, p, p.grad))
-        return loss
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -50,6 +50,9 @@ def build(net: str, method: str, fraction: float, seed: int = 0):
     from tucker_manifold.models import LeNet5
     from tucker_manifold.nn import tuckerize
     from tucker_manifold.optim import TDLRT
+    from tucker_manifold.parameter import is_tucker_parameter
+    import dataclasses
+
     import geoopt
 
     torch.manual_seed(seed)
@@ -72,8 +75,8 @@ def build(net: str, method: str, fraction: float, seed: int = 0):
         # augment / two-pass / truncate work at a known size.
         opt = TDLRT(model.parameters(), lr=0.01, momentum=0.9, tau=0.0)
         for p in model.parameters():
-            if hasattr(p, "manifold") and hasattr(p, "rank_max"):
-                p.rank_max = tuple(p.manifold.ranks)
+            if is_tucker_parameter(p):
+                p.bounds = dataclasses.replace(p.bounds, rmax=tuple(p.manifold.ranks))
     return model, opt, x, y
 
 

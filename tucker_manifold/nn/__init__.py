@@ -9,7 +9,8 @@
   :func:`factorize_model`) when ``baselines`` is available.
 """
 from .base import FactorizedConv2d, FactorizedLayer, is_conv_layer, is_factorized_layer, parse_conv_args
-from .layers import TuckerConv2d, TuckerLayer, TuckerLinear, TuckerParameter, decaying_core
+from ..parameter import TuckerParameter
+from .layers import TuckerConv2d, TuckerLayer, TuckerLinear, decaying_core
 from .tuckerize import compression_rate, ranks, tucker_layers, tucker_parameters, tuckerize
 
 __all__ = [

@@ -3,7 +3,8 @@
 * :class:`FactorizedLayer`: ``weight`` (dense, differentiable), ``shape``, ``ranks``,
   ``dense_parameter_count()``, ``compressed_parameter_count()``, ``from_dense(module, ...)``, ``is_conv``.
 * :class:`FactorizedConv2d`: a :class:`FactorizedLayer` with ``nn.Conv2d``'s geometry, parsed once by
-  :func:`parse_conv_args` (one set of ValueErrors for every factorized conv).
+  :func:`parse_conv_args` (one set of ValueErrors for every factorized conv);
+  :class:`FactorizedLinear`: one with ``nn.Linear``'s.
 * :func:`is_conv_layer`: a 2-D convolution, dense or factorized (no class-name sniffing).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 __all__ = [
     "FactorizedLayer",
     "FactorizedConv2d",
+    "FactorizedLinear",
     "ConvArgs",
     "UnsupportedModuleError",
     "parse_conv_args",
@@ -171,6 +173,29 @@ class FactorizedLayer(nn.Module):
             raise UnsupportedModuleError(f"module must be an {want} for {cls.__name__}.from_dense, got {type(module).__name__}")
         return module
 
+    @staticmethod
+    def dense_kwargs(module: nn.Module) -> dict:
+        """The constructor arguments shared with the dense ``module`` (geometry, ``bias``, dtype, device)."""
+        raise NotImplementedError
+
+    @property
+    def fan_in(self) -> int:
+        """``prod(shape[1:])``: inputs per output unit of the dense layer."""
+        return math.prod(self.shape[1:])
+
+    def _make_bias(self, bias: bool, dtype: Optional[torch.dtype], device) -> None:
+        """An uninitialised ``bias`` of ``shape[0]`` entries, or ``bias = None``."""
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.shape[0], dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    def _reset_bias(self) -> None:
+        """PyTorch's default bias init ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
     def _bias_count(self) -> int:
         return self.bias.numel() if self.bias is not None else 0
 
@@ -227,10 +252,6 @@ class FactorizedConv2d(FactorizedLayer):
     def shape(self) -> tuple[int, ...]:
         return (self.out_channels, self.in_channels) + tuple(self.kernel_size)
 
-    @property
-    def fan_in(self) -> int:
-        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-
     @classmethod
     def _check_dense(cls, module: nn.Module) -> nn.Conv2d:
         module = super()._check_dense(module)
@@ -241,7 +262,7 @@ class FactorizedConv2d(FactorizedLayer):
         return module
 
     @staticmethod
-    def conv_kwargs(module: nn.Conv2d) -> dict:
+    def dense_kwargs(module: nn.Conv2d) -> dict:
         """``nn.Conv2d``'s constructor arguments of ``module`` (dtype / device included)."""
         return dict(
             in_channels=module.in_channels, out_channels=module.out_channels, kernel_size=module.kernel_size,
@@ -271,6 +292,31 @@ class FactorizedConv2d(FactorizedLayer):
         if self.bias is None:
             s += ", bias=False"
         return s
+
+
+class FactorizedLinear(FactorizedLayer):
+    """A factorized layer with ``nn.Linear``'s geometry (``in_features``, ``out_features``), set by
+    :meth:`_setup_linear`. Input ``(*, in)``, output ``(*, out)``."""
+
+    dense_types: ClassVar[tuple[type, ...]] = (nn.Linear,)
+
+    def _setup_linear(self, in_features: int, out_features: int) -> None:
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    @staticmethod
+    def dense_kwargs(module: nn.Linear) -> dict:
+        """``nn.Linear``'s constructor arguments of ``module`` (dtype / device included)."""
+        return dict(
+            in_features=module.in_features, out_features=module.out_features, bias=module.bias is not None,
+            device=module.weight.device, dtype=module.weight.dtype,
+        )
 
 
 def is_factorized_layer(module: nn.Module) -> bool:

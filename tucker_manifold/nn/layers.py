@@ -7,11 +7,16 @@ with the rank-adaptive ``TDLRT``, which swaps the parameter's data and manifold 
 Parameter object stays the same). The forward therefore reads the ranks from
 ``self.tucker_weight.manifold`` every call.
 
-Rank bounds live on the parameter so that an optimizer that only sees parameters can read them:
-``p.rank_min``, ``p.rank_max`` (tuples of ints, one per mode) and ``p.adaptive_modes`` (tuple of bools).
+Rank bounds are declared on the parameter (``tucker_weight.bounds``, a
+:class:`~tucker_manifold.parameter.RankBounds`), so that an optimizer that only sees parameters reads
+them; everything that passes between the layers and the optimizers is in :mod:`tucker_manifold.parameter`.
 
-Checkpoints: a persistent int64 buffer ``tucker_ranks`` mirrors the current ranks; loading a state_dict
-whose ranks differ first resizes the layer (same Parameter object), then loads.
+Checkpoints: a persistent int64 buffer ``tucker_ranks`` records the ranks in the state dict. It is written
+by a state-dict pre-hook (and by :meth:`TuckerLayer.set_point`): an optimizer that replaces the point
+through :func:`tucker_manifold.parameter.set_point` needs no callback into the layer. Loading a state dict
+whose ranks differ first resizes the layer (same Parameter object, a load pre-hook), then loads;
+``load_state_dict(assign=True)`` gets its Tucker parameter back from a load post-hook. Read
+:attr:`TuckerLayer.ranks` for the current ranks.
 
 Random initialisation matches PyTorch's default ``kaiming_uniform_(a=sqrt(5))`` in variance
 (``Var W = 1 / (3 fan_in)``): the factors are orthonormal, so ``||W||_F = ||C||_F`` and the core entries
@@ -19,22 +24,27 @@ are ``N(0, prod(n) / (3 fan_in prod(r)))``. Biases are ``U(-1/sqrt(fan_in), 1/sq
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import math
-import weakref
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from geoopt import ManifoldParameter
 from torch import nn
 
 from ..manifold import FixedRankTucker
+from ..parameter import (
+    RankBounds,
+    TuckerParameter,
+    factor_grads_wanted,
+    make_tucker_parameter,
+    set_point,
+    tucker_manifold,
+)
 from ..tucker import check_multilinear_ranks, lower_to_multilinear_ranks, multi_mode_dot, reconstruct, truncated_hosvd
+from .base import FactorizedConv2d, FactorizedLayer, FactorizedLinear, IntOrPair, Padding
 
 __all__ = [
-    "TuckerParameter",
     "TuckerLayer",
     "TuckerConv2d",
     "TuckerLinear",
@@ -43,61 +53,6 @@ __all__ = [
 ]
 
 _FORWARD_MODES = ("auto", "factorized", "reconstructed")
-IntOrPair = Union[int, Sequence[int]]
-
-
-# ------------------------------------------------------------------------------------ parameter
-class TuckerParameter(ManifoldParameter):
-    """A ``geoopt.ManifoldParameter`` on a :class:`FixedRankTucker` that keeps its rank attributes
-    (``rank_min``, ``rank_max``, ``adaptive_modes``) through ``copy.deepcopy`` and pickling (geoopt's
-    own ``__deepcopy__`` / ``__reduce_ex__`` drop instance attributes).
-
-    Construction does not run geoopt's point check: a HOSVD of a weight whose true rank is below the
-    requested one gives a rank-deficient core, which a layer can still use (TDLRT will truncate it).
-    """
-
-    _TUCKER_ATTRS = ("rank_min", "rank_max", "adaptive_modes")
-
-    def _tucker_attrs(self) -> dict:
-        return {k: getattr(self, k) for k in self._TUCKER_ATTRS if hasattr(self, k)}
-
-    def __deepcopy__(self, memo):
-        if id(self) in memo:
-            return memo[id(self)]
-        result = _make_parameter(
-            self.data.clone(memory_format=torch.preserve_format),
-            copy.deepcopy(self.manifold, memo),
-            self.requires_grad,
-            self._tucker_attrs(),
-        )
-        memo[id(self)] = result
-        return result
-
-    def __reduce_ex__(self, proto):
-        # The ``_on_point_change`` hook is deliberately not pickled: the owning layer re-attaches it.
-        return _make_parameter, (self.data, self.manifold, self.requires_grad, self._tucker_attrs())
-
-
-def _make_parameter(data: torch.Tensor, manifold: FixedRankTucker, requires_grad: bool, attrs: dict) -> TuckerParameter:
-    p = torch.Tensor._make_subclass(TuckerParameter, data.detach(), requires_grad)
-    p.manifold = manifold
-    for k, v in attrs.items():
-        setattr(p, k, v)
-    return p
-
-
-class _RankSync:
-    """Callable stored as ``p._on_point_change``: ``optim.set_tucker_point`` calls it after replacing the
-    point, so the layer's ``tucker_ranks`` buffer follows. A weak reference avoids a layer <-> parameter
-    reference cycle."""
-
-    def __init__(self, layer: "TuckerLayer"):
-        self._ref = weakref.ref(layer)
-
-    def __call__(self) -> None:
-        layer = self._ref()
-        if layer is not None:
-            layer._sync_ranks()
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -123,28 +78,14 @@ def valid_multilinear_ranks(shape: Sequence[int], ranks: Sequence[int]) -> tuple
     return tuple(r)
 
 
-def _pair(v: IntOrPair, name: str) -> tuple[int, int]:
-    if isinstance(v, bool):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if isinstance(v, int):
-        return (v, v)
-    try:
-        t = tuple(int(a) for a in v)
-    except TypeError as e:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from e
-    if len(t) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return t
-
-
 def _resolve_bounds(
     shape: Sequence[int],
     default_adaptive: Sequence[bool],
     rank_min: Optional[IntOrPair],
     rank_max: Optional[IntOrPair],
     adaptive_modes: Optional[Sequence[bool]],
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
-    """Per-mode ``(rank_min, rank_max, adaptive_modes)``.
+) -> RankBounds:
+    """Per-mode bounds from a layer's ``rank_min``, ``rank_max`` and ``adaptive_modes`` arguments.
 
     An int bound applies to the adaptive modes (clamped to ``n_i``); non-adaptive modes keep
     ``[1, n_i]``. A sequence gives one bound per mode and must satisfy ``1 <= min <= max <= n_i``.
@@ -179,7 +120,7 @@ def _resolve_bounds(
                 f"rank bounds for mode {i} must satisfy 1 <= rank_min <= rank_max <= n_{i} = {n}, "
                 f"got rank_min={lo}, rank_max={hi}"
             )
-    return rmin, rmax, adaptive
+    return RankBounds(rmin, rmax, adaptive)
 
 
 def _product_macs(ranks: Sequence[int], factors_shape: Sequence[Optional[tuple[int, int]]]) -> int:
@@ -247,57 +188,84 @@ def decaying_core(
     return core.to(dtype or torch.get_default_dtype())
 
 
+# ------------------------------------------------------------------------------------ state-dict hooks
+# Module-level functions (not closures or bound methods), so that layers stay picklable and deepcopy-able.
+def _record_ranks(module: "TuckerLayer", prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook: the point may have been replaced since the buffer was last written."""
+    module._write_ranks()
+
+
+def _resize_to_saved_ranks(module: "TuckerLayer", state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    """Load pre-hook: resize ``tucker_weight`` (same Parameter object) to the saved ranks."""
+    key = prefix + "tucker_ranks"
+    p = module.tucker_weight
+    saved = state_dict.get(key)
+    if isinstance(saved, torch.Tensor):
+        ranks = tuple(int(v) for v in saved.reshape(-1).tolist())
+        if ranks != module.ranks:
+            try:
+                m = tucker_manifold(module.shape, ranks)
+            except ValueError as e:
+                error_msgs.append(f"{key}: cannot resize to the saved ranks {ranks}: {e}")
+            else:
+                set_point(p, *m.unpack(torch.zeros(m.packed_size, dtype=p.dtype, device=p.device)), manifold=m)
+    # For the post-hook: load_state_dict(assign=True) replaces the parameter by a plain one.
+    module.__dict__["_tucker_loading"] = (p.manifold, p.bounds)
+
+
+def _keep_tucker_parameter(module: "TuckerLayer", incompatible_keys) -> None:
+    """Load post-hook: give an assigned plain Parameter back its manifold and bounds; rewrite the buffer."""
+    manifold, bounds = module.__dict__.pop("_tucker_loading")
+    p = module._parameters["tucker_weight"]
+    if not isinstance(p, TuckerParameter):
+        module.tucker_weight = make_tucker_parameter(p.data, manifold, bounds, p.requires_grad)
+    module._write_ranks()
+
+
 # ------------------------------------------------------------------------------------ base layer
-class TuckerLayer(nn.Module):
+class TuckerLayer(FactorizedLayer):
     """Common machinery of the Tucker layers (one packed ``tucker_weight`` + optional ``bias``)."""
 
     tucker_weight: TuckerParameter
-    bias: Optional[nn.Parameter]
 
     # -- construction helpers
-    def _init_tucker(
-        self,
-        manifold: FixedRankTucker,
-        packed: torch.Tensor,
-        bounds: tuple[tuple[int, ...], tuple[int, ...], tuple[bool, ...]],
-        forward_mode: str,
-    ) -> None:
-        if forward_mode not in _FORWARD_MODES:
-            raise ValueError(f"forward_mode must be one of {_FORWARD_MODES}, got {forward_mode!r}")
+    def _init_tucker(self, ranks: Sequence[int], bounds: RankBounds, forward_mode: str, dtype, device) -> None:
+        """The parameter at a random point (:meth:`_default_point`), the ranks buffer, the state-dict hooks."""
+        _check_forward_mode(forward_mode)
         self.forward_mode = forward_mode
-        rmin, rmax, adaptive = bounds
-        self.tucker_weight = _make_parameter(
-            packed, manifold, True, {"rank_min": rmin, "rank_max": rmax, "adaptive_modes": adaptive}
-        )
-        self.tucker_weight._on_point_change = _RankSync(self)
+        manifold = tucker_manifold(self.shape, tuple(ranks))
+        packed = self._default_point(manifold, dtype, device)
+        self.tucker_weight = make_tucker_parameter(packed, manifold, bounds)
         self.register_buffer("tucker_ranks", torch.tensor(manifold.ranks, dtype=torch.int64, device=packed.device))
-        self._synced_ranks: tuple[int, ...] = manifold.ranks
+        self.register_state_dict_pre_hook(_record_ranks)
+        self.register_load_state_dict_pre_hook(_resize_to_saved_ranks)
+        self.register_load_state_dict_post_hook(_keep_tucker_parameter)
 
     def _default_point(self, manifold: FixedRankTucker, dtype, device, generator=None) -> torch.Tensor:
         """Orthonormal factors, Gaussian core with ``E||C||_F^2 = prod(n) / (3 fan_in)`` (PyTorch's default)."""
         work = _work_dtype(dtype)
-        std = math.sqrt(math.prod(manifold.shape) / (3.0 * self._fan_in() * math.prod(manifold.ranks)))
+        std = math.sqrt(math.prod(manifold.shape) / (3.0 * self.fan_in * math.prod(manifold.ranks)))
         core = torch.randn(manifold.ranks, dtype=work, device=device, generator=generator) * std
         factors = [_random_orthonormal(n, r, work, device, generator) for n, r in zip(manifold.shape, manifold.ranks)]
         return manifold.pack(core, factors).to(dtype or torch.get_default_dtype())
 
-    def _init_bias(self, bias: bool, dtype, device) -> None:
-        if bias:
-            bound = 1.0 / math.sqrt(self._fan_in())
-            b = torch.empty(self._weight_shape[0], dtype=dtype, device=device).uniform_(-bound, bound)
-            self.bias = nn.Parameter(b)
-        else:
-            self.register_parameter("bias", None)
+    @staticmethod
+    def _resolve_ranks(shape: tuple[int, ...], ranks: IntOrPair) -> tuple[int, ...]:
+        """An int ``r``: ``(r, r, n_3, .., n_d)`` lowered to a valid multilinear rank; a sequence must be valid."""
+        if isinstance(ranks, bool):
+            raise ValueError(f"ranks must be an int or {len(shape)} ints, got {ranks!r}")
+        if isinstance(ranks, int):
+            if ranks < 1:
+                raise ValueError(f"ranks must be >= 1, got {ranks}")
+            return valid_multilinear_ranks(shape, (ranks, ranks) + tuple(shape[2:]))
+        return check_multilinear_ranks(shape, tuple(ranks), "ranks")
 
-    def _fan_in(self) -> int:
-        return math.prod(self._weight_shape[1:])
+    @staticmethod
+    def default_adaptive(order: int) -> tuple[bool, ...]:
+        """The two channel modes adapt; spatial modes keep their rank."""
+        return (True, True) + (False,) * (order - 2)
 
     # -- state
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of the dense weight."""
-        return tuple(self._weight_shape)
-
     @property
     def ranks(self) -> tuple[int, ...]:
         """Current multilinear ranks (read from the parameter's manifold)."""
@@ -311,8 +279,8 @@ class TuckerLayer(nn.Module):
         """``core (r_1..r_d)`` and ``factors [(n_i, r_i)]`` as views of the parameter (autograd flows)."""
         p = self.tucker_weight
         core, factors = p.manifold.unpack(p)
-        if getattr(p, "core_grad_only", False):
-            # TDLRT's second pass needs only the core gradient: detaching the factors skips their
+        if not factor_grads_wanted(p):
+            # TDLRT's core pass needs only the core gradient: detaching the factors skips their
             # weight-gradient kernels in the backward pass.
             factors = [f.detach() for f in factors]
         return core, factors
@@ -324,8 +292,9 @@ class TuckerLayer(nn.Module):
         return reconstruct(core, factors)
 
     def set_point(self, packed: torch.Tensor, manifold: FixedRankTucker) -> None:
-        """Replace the point and manifold in place (same Parameter object); ``packed`` is copied and cast
-        to the parameter's dtype/device. The gradient is dropped (it belongs to the old coordinates)."""
+        """Replace the point and manifold in place (same Parameter object) through
+        :func:`tucker_manifold.parameter.set_point`; ``packed`` is copied and cast to the parameter's
+        dtype/device. The gradient is dropped (it belongs to the old coordinates)."""
         if not isinstance(manifold, FixedRankTucker):
             raise ValueError(f"manifold must be a FixedRankTucker, got {type(manifold).__name__}")
         if tuple(manifold.shape) != self.shape:
@@ -333,59 +302,28 @@ class TuckerLayer(nn.Module):
         if not isinstance(packed, torch.Tensor) or tuple(packed.shape) != (manifold.packed_size,):
             got = tuple(packed.shape) if isinstance(packed, torch.Tensor) else type(packed).__name__
             raise ValueError(f"packed must be a 1-D tensor of length {manifold.packed_size}, got {got}")
-        p = self.tucker_weight
-        p.data = packed.detach().to(device=p.device, dtype=p.dtype, copy=True)
-        p.manifold = manifold
-        p.grad = None
-        self._sync_ranks()
+        set_point(self.tucker_weight, *manifold.unpack(packed.detach()), manifold=manifold)
+        self._write_ranks()
 
-    def _sync_ranks(self) -> None:
-        ranks = self.tucker_weight.manifold.ranks
-        if ranks != self._synced_ranks:
-            self.tucker_ranks.copy_(torch.tensor(ranks, dtype=torch.int64))
-            self._synced_ranks = ranks
+    def _write_ranks(self) -> None:
+        self.tucker_ranks.copy_(torch.tensor(self.ranks, dtype=torch.int64))
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # The point may have been replaced without set_point / the optimizer hook.
-        self._sync_ranks()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    # -- forward choice
+    def forward_costs(self, input_shape: Optional[Sequence[int]] = None) -> dict[str, float]:
+        raise NotImplementedError
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        key = prefix + "tucker_ranks"
-        old = self.tucker_weight
-        if key in state_dict and isinstance(state_dict[key], torch.Tensor):
-            saved = tuple(int(v) for v in state_dict[key].reshape(-1).tolist())
-            if saved != self.ranks:
-                try:
-                    manifold = FixedRankTucker(self.shape, saved)
-                except ValueError as e:
-                    error_msgs.append(f"{key}: cannot resize to the saved ranks {saved}: {e}")
-                else:
-                    self.set_point(torch.zeros(manifold.packed_size, dtype=old.dtype, device=old.device), manifold)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        new = self._parameters["tucker_weight"]
-        if new is not old:
-            # load_state_dict(assign=True) swapped in a plain Parameter: give it back its manifold.
-            self.tucker_weight = _make_parameter(new.data, old.manifold, new.requires_grad, old._tucker_attrs())
-            self.tucker_weight._on_point_change = _RankSync(self)
-        self._synced_ranks = ()
-        self._sync_ranks()
+    def chosen_forward(self, input_shape: Optional[Sequence[int]] = None) -> str:
+        """``"factorized"`` or ``"reconstructed"``: ``forward_mode`` unless it is ``"auto"``, in which case
+        the path with strictly fewer multiply-adds (:meth:`forward_costs`; ties go to the single dense
+        product, which has less launch overhead). ``forward`` passes the input shape."""
+        if self.forward_mode != "auto":
+            return self.forward_mode
+        c = self.forward_costs(input_shape)
+        return "factorized" if c["factorized"] < c["reconstructed"] else "reconstructed"
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        # deepcopy / unpickling: the hook (a weak reference) is not copied with the parameter.
-        p = self._parameters.get("tucker_weight")
-        if p is not None:
-            p._on_point_change = _RankSync(self)
-
-    # -- accounting
-    def compressed_parameter_count(self) -> int:
-        """``prod(r) + sum_i n_i r_i`` (+ bias): what the layer stores."""
-        return self.tucker_weight.manifold.packed_size + (self.bias.numel() if self.bias is not None else 0)
-
-    def dense_parameter_count(self) -> int:
-        """``prod(n)`` (+ bias): the equivalent dense layer."""
-        return math.prod(self.shape) + (self.bias.numel() if self.bias is not None else 0)
+    def _tucker_repr(self) -> str:
+        mode = self.forward_mode if self.forward_mode != "auto" else f"auto:{self.chosen_forward()}"
+        return f"shape={self.shape}, ranks={self.ranks}, forward_mode={mode}"
 
     # -- initialisation
     def reinit_decaying(self, q: float, generator: Optional[torch.Generator] = None) -> None:
@@ -396,27 +334,58 @@ class TuckerLayer(nn.Module):
         p = self.tucker_weight
         work = _work_dtype(p.dtype)
         core = decaying_core(m.ranks, q, generator=generator, dtype=work).to(p.device)
-        target = math.sqrt(math.prod(m.shape) / (3.0 * self._fan_in()))
+        target = math.sqrt(math.prod(m.shape) / (3.0 * self.fan_in))
         core = core * (target / torch.linalg.vector_norm(core))
         factors = [_random_orthonormal(n, r, work, None, generator).to(p.device) for n, r in zip(m.shape, m.ranks)]
         self.set_point(m.pack(core, factors), m)
 
     @classmethod
-    def _hosvd_point(
+    def from_dense(
         cls,
-        weight: torch.Tensor,
-        ranks: Optional[Sequence[int]],
-        tau: Optional[float],
-        bounds: tuple[tuple[int, ...], tuple[int, ...], tuple[bool, ...]],
+        module: nn.Module,
+        ranks: Optional[IntOrPair] = None,
+        tau: Optional[float] = None,
+        rank_min: Optional[IntOrPair] = None,
+        rank_max: Optional[IntOrPair] = None,
+        adaptive_modes: Optional[Sequence[bool]] = None,
+        forward_mode: str = "auto",
+    ) -> "TuckerLayer":
+        """Truncated HOSVD of ``module.weight`` to ``ranks`` (int: the channel modes) or by relative
+        tolerance ``tau`` (``||sigma_{r+1:}|| <= tau ||W||_F`` per adaptive mode, non-adaptive modes full
+        rank); neither given: the full (exact) multilinear rank. The bias (and ``requires_grad``) and the
+        training mode are copied; dtype/device follow the module."""
+        module = cls._check_dense(module)
+        if ranks is not None and tau is not None:
+            raise ValueError("give at most one of ranks= and tau=")
+        _check_tau(tau)
+        w = module.weight
+        shape = tuple(w.shape)
+        bounds = _resolve_bounds(shape, cls.default_adaptive(len(shape)), rank_min, rank_max, adaptive_modes)
+        if tau is None:
+            r = valid_multilinear_ranks(shape, shape) if ranks is None else cls._resolve_ranks(shape, ranks)
+        else:
+            r = None
+        manifold, packed = cls._hosvd_point(w, r, tau, bounds)
+        layer = cls(
+            ranks=manifold.ranks, forward_mode=forward_mode, rank_min=bounds.rmin, rank_max=bounds.rmax,
+            adaptive_modes=bounds.adaptive, **cls.dense_kwargs(module),
+        )
+        layer.set_point(packed, manifold)
+        layer._copy_bias_from(module)
+        layer.tucker_weight.requires_grad_(module.weight.requires_grad)
+        return layer
+
+    @staticmethod
+    def _hosvd_point(
+        weight: torch.Tensor, ranks: Optional[Sequence[int]], tau: Optional[float], bounds: RankBounds
     ) -> tuple[FixedRankTucker, torch.Tensor]:
         """Truncated HOSVD of a dense weight to ``ranks`` or by relative tolerance ``tau`` (non-adaptive
         modes keep full rank ``n_i``; adaptive ones stay in their bounds; then made a valid multilinear rank)."""
         shape = tuple(weight.shape)
         w = weight.detach().to(_work_dtype(weight.dtype))
         if tau is not None:
-            rmin, rmax, adaptive = bounds
-            lo = [a if ad else n for a, ad, n in zip(rmin, adaptive, shape)]
-            hi = [b if ad else n for b, ad, n in zip(rmax, adaptive, shape)]
+            lo = [a if ad else n for a, ad, n in zip(bounds.rmin, bounds.adaptive, shape)]
+            hi = [b if ad else n for b, ad, n in zip(bounds.rmax, bounds.adaptive, shape)]
             core, factors, _ = truncated_hosvd(w, tau=tau, rmin=lo, rmax=hi)
             r = valid_multilinear_ranks(shape, [f.shape[1] for f in factors])
             if r != tuple(f.shape[1] for f in factors):
@@ -424,16 +393,8 @@ class TuckerLayer(nn.Module):
                 core = multi_mode_dot(w, factors, transpose=True)
         else:
             core, factors, _ = truncated_hosvd(w, ranks=ranks)
-        m = FixedRankTucker(shape, tuple(core.shape))
+        m = tucker_manifold(shape, tuple(core.shape))
         return m, m.pack(core, factors).to(weight.dtype)
-
-    def _copy_bias_from(self, module: nn.Module) -> None:
-        if module.bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(module.bias.detach())
-            self.bias.requires_grad_(module.bias.requires_grad)
-        self.tucker_weight.requires_grad_(module.weight.requires_grad)
-        self.train(module.training)
 
 
 def _check_forward_mode(mode: str) -> None:
@@ -447,7 +408,7 @@ def _check_tau(tau: Optional[float]) -> None:
 
 
 # ------------------------------------------------------------------------------------ conv
-class TuckerConv2d(TuckerLayer):
+class TuckerConv2d(TuckerLayer, FactorizedConv2d):
     """2-D convolution whose kernel ``W (C_out, C_in, k_h, k_w)`` is kept in Tucker format
     ``C x_1 U_out x_2 U_in x_3 U_h x_4 U_w`` with ranks ``(r_out, r_in, r_h, r_w)``.
 
@@ -457,12 +418,15 @@ class TuckerConv2d(TuckerLayer):
         An int ``r`` means ``(r, r, k_h, k_w)`` clamped to a valid multilinear rank; a 4-tuple must be valid
         (``r_i <= n_i``, ``r_i <= prod_{j != i} r_j``).
     padding : int, pair, ``"same"`` or ``"valid"`` (as ``nn.Conv2d``; ``"same"`` needs stride 1).
+    groups, padding_mode : only ``1`` and ``"zeros"``.
     forward_mode : ``"auto"``, ``"factorized"`` or ``"reconstructed"``; see :meth:`chosen_forward`.
-    rank_min, rank_max, adaptive_modes : rank bounds stored on ``tucker_weight`` (defaults: ``1``, ``n_i``,
-        channel modes adaptive and spatial modes fixed). Int bounds apply to the adaptive modes.
+    rank_min, rank_max, adaptive_modes : rank bounds declared on ``tucker_weight.bounds`` (defaults: ``1``,
+        ``n_i``, channel modes adaptive and spatial modes fixed). Int bounds apply to the adaptive modes.
 
     Input ``(B, C_in, H, W)`` or ``(C_in, H, W)``; output ``(B, C_out, H_out, W_out)`` as ``nn.Conv2d``.
     """
+
+    padding_modes = ("zeros",)
 
     def __init__(
         self,
@@ -471,7 +435,7 @@ class TuckerConv2d(TuckerLayer):
         kernel_size: IntOrPair,
         ranks: IntOrPair,
         stride: IntOrPair = 1,
-        padding: Union[IntOrPair, str] = 0,
+        padding: Padding = 0,
         dilation: IntOrPair = 1,
         bias: bool = True,
         groups: int = 1,
@@ -484,110 +448,15 @@ class TuckerConv2d(TuckerLayer):
         dtype=None,
     ):
         super().__init__()
-        if groups != 1:
-            raise ValueError(f"groups={groups} is not supported by TuckerConv2d (only groups=1)")
-        if padding_mode != "zeros":
-            raise ValueError(f"padding_mode={padding_mode!r} is not supported by TuckerConv2d (only 'zeros')")
+        self._setup_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
         _check_forward_mode(forward_mode)
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.dilation = _pair(dilation, "dilation")
-        for name, v in (("kernel_size", self.kernel_size), ("stride", self.stride), ("dilation", self.dilation)):
-            if min(v) < 1:
-                raise ValueError(f"{name} entries must be >= 1, got {v}")
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-            if padding == "same" and self.stride != (1, 1):
-                raise ValueError("padding='same' is not supported for strided convolutions")
-            self.padding: Union[tuple[int, int], str] = padding
-        else:
-            self.padding = _pair(padding, "padding")
-            if min(self.padding) < 0:
-                raise ValueError(f"padding entries must be >= 0, got {self.padding}")
-        self.groups = 1
-        self.padding_mode = "zeros"
-        self._weight_shape = (out_channels, in_channels) + self.kernel_size
-        shape = self._weight_shape
-        r = self._resolve_ranks(shape, ranks)
-        bounds = _resolve_bounds(shape, (True, True, False, False), rank_min, rank_max, adaptive_modes)
-        manifold = FixedRankTucker(shape, r)
-        self._init_tucker(manifold, self._default_point(manifold, dtype, device), bounds, forward_mode)
-        self._init_bias(bias, dtype or torch.get_default_dtype(), device)
-
-    @staticmethod
-    def _resolve_ranks(shape: tuple[int, ...], ranks: IntOrPair) -> tuple[int, ...]:
-        if isinstance(ranks, bool):
-            raise ValueError(f"ranks must be an int or 4 ints, got {ranks!r}")
-        if isinstance(ranks, int):
-            if ranks < 1:
-                raise ValueError(f"ranks must be >= 1, got {ranks}")
-            return valid_multilinear_ranks(shape, (ranks, ranks) + tuple(shape[2:]))
-        return check_multilinear_ranks(shape, tuple(ranks), "ranks")
-
-    @classmethod
-    def from_dense(
-        cls,
-        module: nn.Conv2d,
-        ranks: Optional[IntOrPair] = None,
-        tau: Optional[float] = None,
-        rank_min: Optional[IntOrPair] = None,
-        rank_max: Optional[IntOrPair] = None,
-        adaptive_modes: Optional[Sequence[bool]] = None,
-        forward_mode: str = "auto",
-    ) -> "TuckerConv2d":
-        """Truncated HOSVD of ``module.weight`` to ``ranks`` (int: channel modes) or by relative tolerance
-        ``tau`` (``||sigma_{r+1:}|| <= tau ||W||_F`` per adaptive mode, non-adaptive modes full rank); neither
-        given: the full (exact) multilinear rank. The bias is copied; dtype/device follow the module."""
-        if not isinstance(module, nn.Conv2d):
-            raise ValueError(f"module must be an nn.Conv2d, got {type(module).__name__}")
-        if ranks is not None and tau is not None:
-            raise ValueError("give at most one of ranks= and tau=")
-        _check_tau(tau)
-        w = module.weight
-        shape = tuple(w.shape)
-        bounds = _resolve_bounds(shape, (True, True, False, False), rank_min, rank_max, adaptive_modes)
-        if tau is None:
-            r = valid_multilinear_ranks(shape, shape) if ranks is None else cls._resolve_ranks(shape, ranks)
-        else:
-            r = None
-        manifold, packed = cls._hosvd_point(w, r, tau, bounds)
-        layer = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            manifold.ranks,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            bias=module.bias is not None,
-            groups=module.groups,
-            padding_mode=module.padding_mode,
-            forward_mode=forward_mode,
-            rank_min=bounds[0],
-            rank_max=bounds[1],
-            adaptive_modes=bounds[2],
-            device=w.device,
-            dtype=w.dtype,
-        )
-        layer.set_point(packed, manifold)
-        layer._copy_bias_from(module)
-        return layer
+        shape = self.shape
+        bounds = _resolve_bounds(shape, self.default_adaptive(4), rank_min, rank_max, adaptive_modes)
+        self._init_tucker(self._resolve_ranks(shape, ranks), bounds, forward_mode, dtype, device)
+        self._make_bias(bias, dtype or torch.get_default_dtype(), device)
+        self._reset_bias()
 
     # -- forward
-    def _output_hw(self, h: int, w: int) -> tuple[int, int]:
-        if self.padding == "same":
-            return h, w
-        pad = (0, 0) if self.padding == "valid" else self.padding
-        out = []
-        for size, p, d, k, s in zip((h, w), pad, self.dilation, self.kernel_size, self.stride):
-            out.append(max((size + 2 * p - d * (k - 1) - 1) // s + 1, 1))
-        return out[0], out[1]
-
     def forward_costs(self, input_shape: Optional[Sequence[int]] = None) -> dict[str, float]:
         """Multiply-adds per output pixel of the two forward paths.
 
@@ -604,20 +473,11 @@ class TuckerConv2d(TuckerLayer):
         if input_shape is not None:
             input_shape = tuple(input_shape)
             batch = input_shape[0] if len(input_shape) == 4 else 1
-            ho, wo = self._output_hw(input_shape[-2], input_shape[-1])
+            ho, wo = self.conv_args.output_hw(input_shape[-2], input_shape[-1])
             pixels = max(batch * ho * wo, 1)
             fact += _product_macs(self.ranks, [None, None, (kh, r_h), (kw, r_w)]) / pixels
             recon += _product_macs(self.ranks, [(c_out, r_out), (c_in, r_in), (kh, r_h), (kw, r_w)]) / pixels
         return {"factorized": fact, "reconstructed": recon}
-
-    def chosen_forward(self, input_shape: Optional[Sequence[int]] = None) -> str:
-        """``"factorized"`` or ``"reconstructed"``: ``forward_mode`` unless it is ``"auto"``, in which case
-        the path with strictly fewer multiply-adds per output pixel (:meth:`forward_costs`; ties go to the
-        single dense conv, which has less launch overhead). ``forward`` passes the input shape."""
-        if self.forward_mode != "auto":
-            return self.forward_mode
-        c = self.forward_costs(input_shape)
-        return "factorized" if c["factorized"] < c["reconstructed"] else "reconstructed"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         core, (u_out, u_in, u_h, u_w) = self.core_and_factors()
@@ -632,19 +492,11 @@ class TuckerConv2d(TuckerLayer):
         return F.conv2d(h, u_out[:, :, None, None], self.bias)
 
     def extra_repr(self) -> str:
-        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.bias is None:
-            s += ", bias=False"
-        mode = self.forward_mode if self.forward_mode != "auto" else f"auto:{self.chosen_forward()}"
-        return s + f", shape={self.shape}, ranks={self.ranks}, forward_mode={mode}"
+        return f"{self._conv_repr()}, {self._tucker_repr()}"
 
 
 # ------------------------------------------------------------------------------------ linear
-class TuckerLinear(TuckerLayer):
+class TuckerLinear(TuckerLayer, FactorizedLinear):
     """Linear layer with ``W (out, in) = U_out C U_in^T`` (the order-2 Tucker case: an SVD-like
     factorization; a valid multilinear rank has ``r_out = r_in``).
 
@@ -667,69 +519,12 @@ class TuckerLinear(TuckerLayer):
     ):
         super().__init__()
         _check_forward_mode(forward_mode)
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.in_features, self.out_features = in_features, out_features
-        self._weight_shape = (out_features, in_features)
-        shape = self._weight_shape
-        r = self._resolve_ranks(shape, ranks)
-        bounds = _resolve_bounds(shape, (True, True), rank_min, rank_max, adaptive_modes)
-        manifold = FixedRankTucker(shape, r)
-        self._init_tucker(manifold, self._default_point(manifold, dtype, device), bounds, forward_mode)
-        self._init_bias(bias, dtype or torch.get_default_dtype(), device)
-
-    @staticmethod
-    def _resolve_ranks(shape: tuple[int, ...], ranks: IntOrPair) -> tuple[int, ...]:
-        if isinstance(ranks, bool):
-            raise ValueError(f"ranks must be an int or 2 ints, got {ranks!r}")
-        if isinstance(ranks, int):
-            if ranks < 1:
-                raise ValueError(f"ranks must be >= 1, got {ranks}")
-            return valid_multilinear_ranks(shape, (ranks, ranks))
-        return check_multilinear_ranks(shape, tuple(ranks), "ranks")
-
-    @classmethod
-    def from_dense(
-        cls,
-        module: nn.Linear,
-        ranks: Optional[IntOrPair] = None,
-        tau: Optional[float] = None,
-        rank_min: Optional[IntOrPair] = None,
-        rank_max: Optional[IntOrPair] = None,
-        adaptive_modes: Optional[Sequence[bool]] = None,
-        forward_mode: str = "auto",
-    ) -> "TuckerLinear":
-        """Truncated SVD (order-2 HOSVD) of ``module.weight`` to ``ranks`` or by relative tolerance ``tau``;
-        neither given: full rank ``min(in, out)``. The bias is copied; dtype/device follow the module."""
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"module must be an nn.Linear, got {type(module).__name__}")
-        if ranks is not None and tau is not None:
-            raise ValueError("give at most one of ranks= and tau=")
-        _check_tau(tau)
-        w = module.weight
-        shape = tuple(w.shape)
-        bounds = _resolve_bounds(shape, (True, True), rank_min, rank_max, adaptive_modes)
-        if tau is None:
-            r = valid_multilinear_ranks(shape, shape) if ranks is None else cls._resolve_ranks(shape, ranks)
-        else:
-            r = None
-        manifold, packed = cls._hosvd_point(w, r, tau, bounds)
-        layer = cls(
-            module.in_features,
-            module.out_features,
-            manifold.ranks,
-            bias=module.bias is not None,
-            forward_mode=forward_mode,
-            rank_min=bounds[0],
-            rank_max=bounds[1],
-            adaptive_modes=bounds[2],
-            device=w.device,
-            dtype=w.dtype,
-        )
-        layer.set_point(packed, manifold)
-        layer._copy_bias_from(module)
-        return layer
+        self._setup_linear(in_features, out_features)
+        shape = self.shape
+        bounds = _resolve_bounds(shape, self.default_adaptive(2), rank_min, rank_max, adaptive_modes)
+        self._init_tucker(self._resolve_ranks(shape, ranks), bounds, forward_mode, dtype, device)
+        self._make_bias(bias, dtype or torch.get_default_dtype(), device)
+        self._reset_bias()
 
     def forward_costs(self, input_shape: Optional[Sequence[int]] = None) -> dict[str, float]:
         """Multiply-adds per input row: factorized ``in r_in + r_in r_out + r_out out``, reconstructed
@@ -744,13 +539,6 @@ class TuckerLinear(TuckerLayer):
             recon += (n_out * r_out * r_in + n_out * r_in * n_in) / rows
         return {"factorized": fact, "reconstructed": recon}
 
-    def chosen_forward(self, input_shape: Optional[Sequence[int]] = None) -> str:
-        """``forward_mode`` unless ``"auto"``; then the path with strictly fewer multiply-adds per row."""
-        if self.forward_mode != "auto":
-            return self.forward_mode
-        c = self.forward_costs(input_shape)
-        return "factorized" if c["factorized"] < c["reconstructed"] else "reconstructed"
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         core, (u_out, u_in) = self.core_and_factors()
         if self.chosen_forward(x.shape) == "reconstructed":
@@ -760,8 +548,4 @@ class TuckerLinear(TuckerLayer):
         return F.linear(h, u_out, self.bias)
 
     def extra_repr(self) -> str:
-        mode = self.forward_mode if self.forward_mode != "auto" else f"auto:{self.chosen_forward()}"
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"shape={self.shape}, ranks={self.ranks}, forward_mode={mode}"
-        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {self._tucker_repr()}"
