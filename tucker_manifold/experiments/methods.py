@@ -1,0 +1,282 @@
+"""The method registry: a method's name -> how to turn a freshly built dense model into the model and
+optimizer of that method, and how ``compare`` matches it to a reference's compression.
+
+Built in: ``dense``, ``tdlrt``, ``vanilla-tucker``, ``riemannian-fixed``, ``cp``, ``matrix``.
+
+Adding a method is one call (a decorator here)::
+
+    from tucker_manifold.experiments.methods import BuildOptions, match_rank_fraction, register_method, sgd
+    from tucker_manifold.nn import tuckerize
+
+    @register_method("my-tucker", description="Tucker layers, plain SGD", match=match_rank_fraction)
+    def build_my_tucker(model, o: BuildOptions):
+        model = tuckerize(model, **o.rank_kwargs(default_fraction=0.25), init=o.init, linear=o.linear)
+        return model, sgd(model, o)
+
+``build(model, options)`` receives the dense model already on the run's device and a
+:class:`BuildOptions` (tau, ranks, lr, momentum, ...), and returns ``(model, optimizer)``. ``adaptive=True``
+marks a method whose ranks follow ``tau`` (``compare`` runs it once per tau and seed); ``match(dense_model,
+counts, name)`` returns ``(config overrides, description)`` that bring the method to the reference's
+per-layer conv weight counts ``counts`` (``compare`` runs it once per tau and seed, matched; without a
+reference, once per seed at its own ranks); a method with neither runs once per seed.
+After registration the name works everywhere: ``build_method``, ``TrainConfig.method``,
+``compare_methods`` and the CLI's ``--method`` / ``--methods`` (they read :func:`method_names`).
+Register methods at import of this module (the bottom of this file, or a module imported there), so
+that every entry point sees them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .accounting import match_budget_ranks, match_tucker_rank_fraction
+from .config import DEFAULTS, check_rank, check_rank_fraction, check_tau, resolve_device
+
+__all__ = [
+    "BuildOptions",
+    "Method",
+    "register_method",
+    "get_method",
+    "method_names",
+    "build_method",
+    "sgd",
+    "match_rank_fraction",
+    "match_layer_budgets",
+    "DEFAULT_TDLRT_RANK_FRACTION",
+    "DEFAULT_FIXED_RANK_FRACTION",
+]
+
+#: TDLRT's initial channel-rank fraction when neither ``rank`` nor ``rank_fraction`` is given.
+DEFAULT_TDLRT_RANK_FRACTION = 0.5
+#: Rank fraction of the fixed-rank baselines run at their own ranks.
+DEFAULT_FIXED_RANK_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """The arguments of :func:`build_method`, validated, as a builder receives them."""
+
+    tau: float = DEFAULTS.tau
+    rank: Optional[int] = None
+    rank_fraction: Optional[float] = None
+    layer_ranks: Optional[dict[str, Any]] = None
+    lr: float = DEFAULTS.lr
+    momentum: float = DEFAULTS.momentum
+    weight_decay: float = DEFAULTS.weight_decay
+    init: str = DEFAULTS.init
+    linear: bool = False
+    rank_max: Optional[int] = None
+
+    def rank_kwargs(self, default_fraction: float) -> dict:
+        """``{"ranks": rank}`` or ``{"rank_fraction": ...}`` (``default_fraction`` when neither is set),
+        as ``tuckerize`` takes them."""
+        if self.rank is not None:
+            return {"ranks": self.rank}
+        return {"rank_fraction": self.rank_fraction if self.rank_fraction is not None else default_fraction}
+
+
+Builder = Callable[[nn.Module, BuildOptions], "tuple[nn.Module, torch.optim.Optimizer]"]
+#: ``match(dense_model, counts, method name) -> (config overrides, description)``
+Matcher = Callable[[nn.Module, "dict[str, int]", str], "tuple[dict, str]"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method (see the module docstring)."""
+
+    name: str
+    build: Builder
+    description: str = ""
+    adaptive: bool = False
+    match: Optional[Matcher] = None
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register_method(
+    name: str,
+    build: Optional[Builder] = None,
+    *,
+    description: str = "",
+    adaptive: bool = False,
+    match: Optional[Matcher] = None,
+    replace_existing: bool = False,
+):
+    """Register ``build`` under ``name``; usable as a decorator (``build`` omitted). Returns ``build``.
+    A name already registered is a ValueError unless ``replace_existing``."""
+    if not isinstance(name, str) or not name or name != name.strip().lower() or "," in name:
+        raise ValueError(f"name must be a non-empty lower-case string without commas, got {name!r}")
+
+    def add(fn: Builder) -> Builder:
+        if not callable(fn):
+            raise ValueError(f"build must be callable, got {fn!r}")
+        if name in _REGISTRY and not replace_existing:
+            raise ValueError(f"method {name!r} is already registered (pass replace_existing=True to replace it)")
+        _REGISTRY[name] = Method(name, fn, description, adaptive, match)
+        return fn
+
+    return add if build is None else add(build)
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; ValueError listing the valid names."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(_REGISTRY)}") from None
+
+
+def method_names() -> tuple[str, ...]:
+    """Registered method names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def _check_layer_ranks(model: nn.Module, layer_ranks: Optional[dict]) -> Optional[dict]:
+    if layer_ranks is None:
+        return None
+    names = {n for n, _ in model.named_modules()}
+    unknown = sorted(set(layer_ranks) - names)
+    if unknown:
+        raise ValueError(f"layer_ranks names not found in the model: {unknown}")
+    # ranks saved as JSON come back as lists: Tucker ranks are tuples
+    return {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in layer_ranks.items()}
+
+
+def build_method(
+    model: nn.Module,
+    method: str,
+    *,
+    tau: float = DEFAULTS.tau,
+    rank: Optional[int] = None,
+    rank_fraction: Optional[float] = None,
+    layer_ranks: Optional[dict[str, Any]] = None,
+    lr: float = DEFAULTS.lr,
+    momentum: float = DEFAULTS.momentum,
+    weight_decay: float = DEFAULTS.weight_decay,
+    init: str = DEFAULTS.init,
+    linear: bool = False,
+    rank_max: Optional[int] = None,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Factorize a freshly built dense ``model`` for ``method`` and build its optimizer.
+
+    ``rank`` / ``rank_fraction``: the channel ranks (initial ones for TDLRT; default: the method's own).
+    ``layer_ranks`` (``{qualified conv name: rank}``) overrides them per layer: an int for CP / matrix
+    layers, an int or a 4-tuple for Tucker layers; the layers not named stay dense. ``init``: ``"hosvd"``
+    decomposes the dense initialisation (SVD for CP / matrix), ``"random"`` draws the layer afresh.
+    ``linear``: also factorize ``nn.Linear`` layers. ``device``: where the model is moved first.
+    Returns ``(model, optimizer)``; every parameter of the model is in the optimizer.
+    """
+    spec = get_method(method)
+    check_tau(tau)
+    check_rank(rank)
+    check_rank_fraction(rank_fraction)
+    if rank is not None and rank_fraction is not None:
+        raise ValueError("give at most one of rank and rank_fraction")
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if init not in ("hosvd", "random"):
+        raise ValueError(f"init must be 'hosvd' or 'random', got {init!r}")
+    if device is not None:
+        model = model.to(resolve_device(device))
+    opts = BuildOptions(tau=float(tau), rank=rank, rank_fraction=rank_fraction,
+                        layer_ranks=_check_layer_ranks(model, layer_ranks), lr=float(lr), momentum=float(momentum),
+                        weight_decay=float(weight_decay), init=init, linear=linear, rank_max=rank_max)
+    return spec.build(model, opts)
+
+
+# ------------------------------------------------------------------------------------ builder helpers
+def sgd(model: nn.Module, o: BuildOptions) -> torch.optim.SGD:
+    """``torch.optim.SGD`` over every parameter with the options' lr, momentum and weight decay."""
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def _tuckerized(model: nn.Module, o: BuildOptions, default_fraction: float) -> nn.Module:
+    from ..nn.tuckerize import tuckerize
+
+    kw = dict(init=o.init, linear=o.linear, rank_max=o.rank_max)
+    if o.layer_ranks is None:
+        return tuckerize(model, **o.rank_kwargs(default_fraction), **kw)
+    for name, r in o.layer_ranks.items():
+        model = tuckerize(model, ranks=r, include=[name], **kw)
+    return model
+
+
+def _factorized(model: nn.Module, o: BuildOptions, kind: str) -> nn.Module:
+    from ..nn.baselines import factorize_model
+
+    init = "svd" if o.init == "hosvd" else "random"
+    if o.layer_ranks is None:
+        kw = o.rank_kwargs(DEFAULT_FIXED_RANK_FRACTION)
+        return factorize_model(model, kind, rank=kw.get("ranks"), rank_fraction=kw.get("rank_fraction"),
+                               include_linear=o.linear, init=init)
+    for name, r in o.layer_ranks.items():
+        # every other module excluded: each named layer gets its own rank in its own call
+        others = [n for n, _ in model.named_modules() if n not in (name, "")]
+        model = factorize_model(model, kind, rank=int(r), include_linear=o.linear, exclude=others, init=init)
+    return model
+
+
+def match_rank_fraction(dense_model: nn.Module, counts: dict[str, int], method: str) -> tuple[dict, str]:
+    """Matcher of the fixed-rank Tucker methods: the one ``rank_fraction`` whose total Tucker conv
+    weight count is closest to the reference's."""
+    f = match_tucker_rank_fraction(dense_model, sum(counts.values()))
+    return {"rank": None, "rank_fraction": f, "layer_ranks": None}, f"rank_fraction={f:.3f}"
+
+
+def match_layer_budgets(dense_model: nn.Module, counts: dict[str, int], method: str) -> tuple[dict, str]:
+    """Matcher of the CP / matrix methods: per layer, the largest rank within the reference's count."""
+    ranks = match_budget_ranks(dense_model, method, counts)
+    return {"rank": None, "rank_fraction": None, "layer_ranks": ranks}, "per-layer ranks"
+
+
+# ------------------------------------------------------------------------------------ built-in methods
+@register_method("dense", description="the model unchanged, torch.optim.SGD")
+def _build_dense(model, o):
+    return model, sgd(model, o)
+
+
+@register_method("tdlrt", adaptive=True,
+                 description="tuckerize (initial rank_fraction 0.5), TDLRT with tau and SGD-momentum")
+def _build_tdlrt(model, o):
+    from ..optim import TDLRT
+
+    model = _tuckerized(model, o, DEFAULT_TDLRT_RANK_FRACTION)
+    return model, TDLRT(model.parameters(), lr=o.lr, tau=o.tau, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+@register_method("vanilla-tucker", match=match_rank_fraction,
+                 description="tuckerize at fixed ranks, plain SGD on core and factors (geometry ignored)")
+def _build_vanilla(model, o):
+    model = _tuckerized(model, o, DEFAULT_FIXED_RANK_FRACTION)
+    return model, sgd(model, o)
+
+
+@register_method("riemannian-fixed", match=match_rank_fraction,
+                 description="tuckerize at fixed ranks, geoopt.optim.RiemannianSGD")
+def _build_riemannian(model, o):
+    import geoopt
+
+    model = _tuckerized(model, o, DEFAULT_FIXED_RANK_FRACTION)
+    return model, geoopt.optim.RiemannianSGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+                                             weight_decay=o.weight_decay)
+
+
+@register_method("cp", match=match_layer_budgets, description="CP-factorized convs, torch.optim.SGD")
+def _build_cp(model, o):
+    model = _factorized(model, o, "cp")
+    return model, sgd(model, o)
+
+
+@register_method("matrix", match=match_layer_budgets, description="matrix (SVD) factorized convs, torch.optim.SGD")
+def _build_matrix(model, o):
+    model = _factorized(model, o, "matrix")
+    return model, sgd(model, o)
