@@ -1,4 +1,5 @@
-"""The shared training loop: build_method, train/evaluate, checkpoints, rank matching, plots.
+"""tucker_manifold.experiments: the method registry, train/evaluate, safe checkpoints, rank matching,
+reports, and progress that never changes a result.
 
 Everything runs on a tiny synthetic conv problem (a few hundred 10x10 images) so the whole file takes
 a few seconds; the CLI end-to-end runs on real data are in test_cli.py.
@@ -15,8 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from tucker_manifold.nn import TuckerConv2d
 from tucker_manifold.nn.baselines import CPConv2d, MatrixConv2d
 from tucker_manifold.optim import TDLRT
-from tucker_manifold.training import (
-    METHODS,
+from tucker_manifold.experiments import (
+    CheckpointError,
     build_method,
     conv_parameter_counts,
     evaluate,
@@ -25,11 +26,14 @@ from tucker_manifold.training import (
     markdown_table,
     match_budget_ranks,
     match_tucker_rank_fraction,
+    method_names,
     plot_accuracy_vs_compression,
     plot_ranks,
+    read_checkpoint,
     save_checkpoint,
     summarize,
     train,
+    tucker_conv_count,
 )
 
 
@@ -66,8 +70,13 @@ def loaders(seed=0, batch=32):
     return tr, te
 
 
+def _results(row):
+    """An epoch's row without its wall-clock timings."""
+    return {k: v for k, v in row.items() if not k.endswith("_time_s")}
+
+
 # ------------------------------------------------------------------------------------ build_method
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_build_method_layers_and_optimizer(method):
     torch.manual_seed(0)
     model, opt = build_method(tiny_net(), method, tau=0.1, lr=0.05)
@@ -179,7 +188,7 @@ def test_checkpoint_resume_is_exact(tmp_path, method):
     hist = train(model, opt, tr, te, 2, progress=False)
     if method == "tdlrt":
         assert layer_ranks(model) != layer_ranks(build_method(tiny_net(), method, **kw)[0])
-    path = tmp_path / "ck.pt"
+    path = tmp_path / "ck.safetensors"
     save_checkpoint(path, model, opt, 2, hist, {"method": method}, loader=tr)
 
     torch.manual_seed(123)  # a different RNG state: load must restore it
@@ -189,29 +198,27 @@ def test_checkpoint_resume_is_exact(tmp_path, method):
     assert state["epoch"] == 2 and state["config"] == {"method": method}
     resumed = train(model, opt, tr, te, 3, progress=False, start_epoch=state["epoch"], history=state["history"])
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
-    for a, b in zip(straight, resumed):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
-        assert a["ranks"] == b["ranks"]
+    for a, b in zip(straight, resumed):  # bit-identical, not merely close
+        assert _results(a) == _results(b)
     sd = model.state_dict()
+    assert sd.keys() == ref.keys()
     for k, v in ref.items():
-        torch.testing.assert_close(sd[k], v)
+        assert torch.equal(sd[k], v), k
 
 
 def test_load_checkpoint_missing(tmp_path):
     with pytest.raises(FileNotFoundError):
-        load_checkpoint(tmp_path / "nope.pt", tiny_net())
+        load_checkpoint(tmp_path / "nope.safetensors", tiny_net())
 
 
 # ------------------------------------------------------------------------------------ rank matching
 def test_match_tucker_rank_fraction_is_closest():
-    from tucker_manifold.training import _tucker_conv_count
-
     dense = tiny_net()
     shapes = [tuple(m.weight.shape) for m in dense if isinstance(m, nn.Conv2d)]
     model, _ = build_method(tiny_net(), "vanilla-tucker", rank_fraction=0.375, lr=0.1)
     target = sum(conv_parameter_counts(model).values())
     f = match_tucker_rank_fraction(dense, target)
-    got = sum(_tucker_conv_count(s, f) for s in shapes)
+    got = sum(tucker_conv_count(s, f) for s in shapes)
     assert got == target
     # and the count formula agrees with the layers tuckerize builds
     model, _ = build_method(tiny_net(), "vanilla-tucker", rank_fraction=f, lr=0.1)
@@ -219,8 +226,8 @@ def test_match_tucker_rank_fraction_is_closest():
     # a target between grid points picks the nearest one
     f2 = match_tucker_rank_fraction(dense, target + 7)
     cands = [j / n for s in shapes for n in s[:2] for j in range(1, n + 1)]
-    best = min(abs(sum(_tucker_conv_count(s, c) for s in shapes) - target - 7) for c in cands)
-    assert abs(sum(_tucker_conv_count(s, f2) for s in shapes) - target - 7) == best
+    best = min(abs(sum(tucker_conv_count(s, c) for s in shapes) - target - 7) for c in cands)
+    assert abs(sum(tucker_conv_count(s, f2) for s in shapes) - target - 7) == best
 
 
 @pytest.mark.parametrize("method", ["cp", "matrix"])
@@ -276,3 +283,208 @@ def test_batchnorm_statistics_updated_once_per_step():
     assert stats["tdlrt"][2] == stats["vanilla-tucker"][2] == len(tr)
     torch.testing.assert_close(stats["tdlrt"][0], stats["vanilla-tucker"][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(stats["tdlrt"][1], stats["vanilla-tucker"][1], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ safe checkpoints
+class _Payload:
+    """Unpickling this creates ``path``: a stand-in for a hostile pickle's payload."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _saved(tmp_path, method="tdlrt"):
+    torch.manual_seed(0)
+    tr, te = loaders()
+    model, opt = build_method(tiny_net(), method, tau=0.3, lr=0.1)
+    hist = train(model, opt, tr, te, 1, progress=False)
+    path = save_checkpoint(tmp_path / "ck.safetensors", model, opt, 1, hist, {"method": method, "tau": 0.3},
+                           loader=tr, extra={"rank_trace": [{"step": 0, "ranks": {}}]})
+    return path, model, hist
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_hostile_pickle_is_refused_and_not_executed(tmp_path, writer):
+    import pickle
+
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "checkpoint.safetensors"
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps({"model": _Payload(marker)}))
+    else:
+        torch.save({"model": _Payload(marker), "epoch": 1}, path)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="not a tucker_manifold checkpoint"):
+        read_checkpoint(path)
+    with pytest.raises(ValueError, match="nothing was loaded"):
+        load_checkpoint(path, tiny_net())
+    assert not marker.exists()
+    # the payload is live: unpickling the same bytes would have run it
+    if writer == "pickle":
+        pickle.loads(path.read_bytes())
+        assert marker.exists()
+
+
+def test_files_that_are_not_checkpoints(tmp_path):
+    from safetensors.torch import save_file
+
+    cases = {
+        "empty": b"",
+        "json": b'{"format": "tucker_manifold.checkpoint"}',
+        "text": b"hello, not a checkpoint at all\n",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign"), metadata={"format": "someone.else"})
+    torch.save(tiny_net().state_dict(), tmp_path / "state_dict.pt")  # a plain (old-style) torch file
+    for name in [*cases, "foreign", "state_dict.pt"]:
+        with pytest.raises(CheckpointError, match="not a tucker_manifold checkpoint"):
+            read_checkpoint(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        read_checkpoint(tmp_path / "missing")
+
+
+def test_checkpoint_format_is_safetensors_plus_json(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    path, model, hist = _saved(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert meta["format"] == "tucker_manifold.checkpoint" and meta["version"] == "1"
+    assert json.loads(meta["config"]) == {"method": "tdlrt", "tau": 0.3}
+    assert json.loads(meta["ranks"]) == layer_ranks(model)
+    assert [r["epoch"] for r in json.loads(meta["history"])] == [1]
+    assert json.loads(meta["epoch"]) == 1
+    # every weight of the model is a tensor of the file; RNG states too
+    assert {f"model/{k}" for k in model.state_dict()} <= keys
+    assert {"rng/torch", "rng/loader"} <= keys
+    ck = read_checkpoint(path)
+    assert ck.epoch == 1 and ck.history[0]["ranks"] == hist[0]["ranks"]
+    assert ck.extra == {"rank_trace": [{"step": 0, "ranks": {}}]}
+    # the history's floats (NaN included) come back exactly
+    assert ck.history == hist
+
+
+def test_checkpoint_from_a_newer_version(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, _, _ = _saved(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "new.safetensors"), metadata={**meta, "version": "99"})
+    with pytest.raises(CheckpointError, match="newer"):
+        read_checkpoint(tmp_path / "new.safetensors")
+
+
+def test_tree_codec_round_trip():
+    from tucker_manifold.experiments.checkpoints import _decode, _encode
+
+    obj = {"state": {0: {"step": 3, "buf": torch.arange(4.0)}, 1: {"t": torch.tensor(True)}},
+           "groups": [{"betas": (0.9, 0.99), "lr": float("inf"), "name": None}], "$odd": 1}
+    tensors: dict = {}
+    enc = _encode(obj, "x", tensors, set())
+    import json
+
+    dec = _decode(json.loads(json.dumps(enc)), tensors)
+    assert dec["groups"] == obj["groups"] and dec["$odd"] == 1
+    assert dec["state"][0]["step"] == 3 and torch.equal(dec["state"][0]["buf"], obj["state"][0]["buf"])
+    assert dec["state"][1]["t"].item() is True
+    with pytest.raises(TypeError, match="x/f"):
+        _encode({"f": object()}, "x", {}, set())
+
+
+# ------------------------------------------------------------------------------------ progress and determinism
+def _short_run(progress, extra_iter=False, monkeypatch=None):
+    torch.manual_seed(3)
+    tr, te = loaders(seed=3, batch=8)
+    model, opt = build_method(tiny_net(), "tdlrt", tau=0.2, lr=0.1)
+    if extra_iter:  # the old bug: the bar's constructor called iter(loader) once more per epoch
+        import tucker_manifold.experiments.loop as loop
+
+        real = loop._bar
+
+        def buggy(iterator, total, desc):
+            iter(tr)
+            return real(iterator, total, desc)
+
+        monkeypatch.setattr(loop, "_bar", buggy)
+    hist = train(model, opt, tr, te, 2, progress=progress)
+    return [_results(r) for r in hist], model.state_dict()
+
+
+def test_progress_bar_never_changes_results(monkeypatch, capsys):
+    on_hist, on_sd = _short_run(True)
+    assert "epoch 1/2" in capsys.readouterr().err  # the bar was drawn
+    off_hist, off_sd = _short_run(False)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    tty_hist, tty_sd = _short_run(None)  # auto: a terminal gets the bar
+    assert "epoch 1/2" in capsys.readouterr().err
+    assert on_hist == off_hist == tty_hist
+    for k in on_sd:
+        assert torch.equal(on_sd[k], off_sd[k]) and torch.equal(on_sd[k], tty_sd[k]), k
+    # the comparison is sensitive to the old bug: one more draw from the loader's generator shows
+    bug_hist, _ = _short_run(True, extra_iter=True, monkeypatch=monkeypatch)
+    assert bug_hist[-1] != on_hist[-1]
+
+
+def test_show_progress_auto():
+    import io
+
+    from tucker_manifold.experiments import show_progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert show_progress(None, Tty()) is True
+    assert show_progress(None, io.StringIO()) is False
+    assert show_progress(False, Tty()) is False and show_progress(True, io.StringIO()) is True
+
+
+def test_one_log_line_per_epoch(caplog):
+    import logging
+
+    tr, te = loaders()
+    model, opt = build_method(tiny_net(), "dense", lr=0.1)
+    with caplog.at_level(logging.INFO, logger="tucker_manifold.experiments"):
+        train(model, opt, tr, te, 2, progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "tucker_manifold.experiments"]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2: train loss") and "\r" not in "".join(lines)
+
+
+# ------------------------------------------------------------------------------------ registry and compare plan
+def test_register_a_method(monkeypatch):
+    import tucker_manifold.experiments.methods as methods
+    from tucker_manifold.experiments import get_method, register_method, sgd
+    from tucker_manifold.experiments.runner import _plan
+
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+    seen = {}
+
+    @register_method("half-dense", description="test", match=methods.match_rank_fraction)
+    def build(model, o):
+        seen["options"] = o
+        return model, sgd(model, o)
+
+    assert "half-dense" in method_names() and get_method("half-dense").build is build
+    model, opt = build_method(tiny_net(), "half-dense", lr=0.02, momentum=0.5, rank_fraction=0.5)
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["momentum"] == 0.5
+    assert seen["options"].rank_kwargs(0.25) == {"rank_fraction": 0.5}
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("half-dense", build)
+    with pytest.raises(ValueError, match="name"):
+        register_method("Bad,Name", build)
+    # a matched method runs after the reference, once per tau and seed
+    plan = [(r.method, r.tau, r.seed) for r in _plan(["half-dense", "dense", "tdlrt"], [0.1, 0.2], [0])]
+    assert plan == [("tdlrt", 0.1, 0), ("tdlrt", 0.2, 0), ("dense", None, 0), ("half-dense", 0.1, 0),
+                    ("half-dense", 0.2, 0)]
+    # without a reference: once per seed at its own ranks
+    assert [(r.method, r.tau) for r in _plan(["half-dense"], [0.1], [0, 1])] == [("half-dense", None)] * 2
