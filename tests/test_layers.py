@@ -461,8 +461,10 @@ def test_tuckerize_shared_module_and_root():
 
 
 # ------------------------------------------------------------------------------------ compression_rate
-class FakeCPConv2d(nn.Module):
-    """Stands in for a baseline: any module with dense_parameter_count() named *Conv2d."""
+class FakeCPConv2d(tm.nn.FactorizedLayer):
+    """Stands in for a baseline: a FactorizedLayer that says it is a convolution."""
+
+    is_conv = True
 
     def __init__(self):
         super().__init__()

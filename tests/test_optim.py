@@ -1,6 +1,5 @@
 """TDLRT optimizer: the step against dense formulas, state transport, rank control, robustness."""
 import math
-import warnings
 
 import geoopt
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 from tucker_manifold import FixedRankTucker
 from tucker_manifold.optim import TDLRT
 from tucker_manifold.parameter import RankBounds, make_tucker_parameter, set_point
-from tucker_manifold.tucker import multi_mode_dot, truncated_hosvd, unfold
+from tucker_manifold.tucker import multi_mode_dot, truncated_hosvd
 
 SEEDS = [0, 1, 2]
 

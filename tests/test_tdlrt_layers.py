@@ -1,5 +1,4 @@
 """TDLRT on Tucker layers: a layer step against dense formulas, checkpoints, resume, a real-data run."""
-import copy
 import io
 
 import numpy as np

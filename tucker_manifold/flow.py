@@ -20,7 +20,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .tucker import left_singular, lower_to_multilinear_ranks, mode_dot, multi_mode_dot, rank_by_tolerance, unfold
+from .tucker import left_singular, lower_to_multilinear_ranks, multi_mode_dot, rank_by_tolerance, unfold
 
 __all__ = [
     "Reparametrization",

@@ -1,21 +1,26 @@
-"""Tucker-factorized layers and model conversion.
+"""Factorized layers and model conversion.
 
-* :class:`TuckerConv2d`, :class:`TuckerLinear`: one packed ``geoopt.ManifoldParameter`` (``tucker_weight``)
-  on a :class:`~tucker_manifold.FixedRankTucker` plus a dense bias; trainable by ``torch.optim``,
-  geoopt's Riemannian optimizers or ``tucker_manifold.optim.TDLRT``.
-* :func:`tuckerize` converts a model; :func:`compression_rate`, :func:`ranks`, :func:`tucker_parameters`,
-  :func:`tucker_layers` inspect one.
-* CP / matrix baselines (:class:`CPConv2d`, :class:`MatrixConv2d`, :class:`CPLinear`, :class:`MatrixLinear`,
-  :func:`factorize_model`) when ``baselines`` is available.
+* :class:`FactorizedLayer` (:mod:`.base`): the base of every factorized layer (``weight``, ``shape``,
+  ``ranks``, parameter counts, ``from_dense``, ``is_conv``); :func:`is_conv_layer`, :func:`parse_conv_args`.
+* :class:`TuckerConv2d`, :class:`TuckerLinear`: one packed Tucker parameter (``tucker_weight``, see
+  :mod:`tucker_manifold.parameter`) plus a dense bias; trainable by ``torch.optim``, geoopt's Riemannian
+  optimizers or ``tucker_manifold.optim.TDLRT``.
+* CP / matrix baselines: :class:`CPConv2d`, :class:`MatrixConv2d`, :class:`CPLinear`, :class:`MatrixLinear`.
+* :func:`tuckerize` and :func:`factorize_model` convert a model through one engine
+  (:func:`replace_modules`, :class:`ModuleSelector`, :class:`ConversionSummary`);
+  :func:`compression_rate`, :func:`ranks`, :func:`tucker_parameters`, :func:`tucker_layers` inspect one.
 """
-from .base import FactorizedConv2d, FactorizedLayer, is_conv_layer, is_factorized_layer, parse_conv_args
 from ..parameter import TuckerParameter
+from .base import FactorizedConv2d, FactorizedLayer, FactorizedLinear, is_conv_layer, is_factorized_layer, parse_conv_args
+from .baselines import CPConv2d, CPLinear, MatrixConv2d, MatrixLinear, factorize_model, rank_for_parameter_budget
 from .layers import TuckerConv2d, TuckerLayer, TuckerLinear, decaying_core
+from .replace import ConversionSummary, ModuleSelector, replace_modules
 from .tuckerize import compression_rate, ranks, tucker_layers, tucker_parameters, tuckerize
 
 __all__ = [
     "FactorizedLayer",
     "FactorizedConv2d",
+    "FactorizedLinear",
     "is_conv_layer",
     "is_factorized_layer",
     "parse_conv_args",
@@ -23,17 +28,19 @@ __all__ = [
     "TuckerLinear",
     "TuckerLayer",
     "TuckerParameter",
+    "CPConv2d",
+    "MatrixConv2d",
+    "CPLinear",
+    "MatrixLinear",
     "tuckerize",
+    "factorize_model",
+    "rank_for_parameter_budget",
+    "replace_modules",
+    "ModuleSelector",
+    "ConversionSummary",
     "compression_rate",
     "ranks",
     "tucker_parameters",
     "tucker_layers",
     "decaying_core",
 ]
-
-try:  # written in parallel; the Tucker layers do not depend on it
-    from .baselines import CPConv2d, CPLinear, MatrixConv2d, MatrixLinear, factorize_model
-except ImportError:  # pragma: no cover
-    pass
-else:
-    __all__ += ["CPConv2d", "MatrixConv2d", "CPLinear", "MatrixLinear", "factorize_model"]

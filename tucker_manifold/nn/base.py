@@ -226,21 +226,9 @@ class FactorizedConv2d(FactorizedLayer):
     #: padding modes this layer implements
     padding_modes: ClassVar[tuple[str, ...]] = PADDING_MODES
 
-    def _setup_conv(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: IntOrPair,
-        stride: IntOrPair = 1,
-        padding: Padding = 0,
-        dilation: IntOrPair = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-    ) -> ConvArgs:
-        a = parse_conv_args(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
-            layer=type(self).__name__, padding_modes=self.padding_modes,
-        )
+    def _setup_conv(self, *args, **kwargs) -> ConvArgs:
+        """Parse ``nn.Conv2d``'s arguments (:func:`parse_conv_args`) and set them as attributes."""
+        a = parse_conv_args(*args, layer=type(self).__name__, padding_modes=self.padding_modes, **kwargs)
         self.conv_args = a
         self.in_channels, self.out_channels = a.in_channels, a.out_channels
         self.kernel_size, self.stride, self.dilation = a.kernel_size, a.stride, a.dilation

@@ -24,16 +24,17 @@ as the dense default. Biases use PyTorch's default ``U(-1/sqrt(fan_in), 1/sqrt(f
 """
 from __future__ import annotations
 
-import math
+import logging
 import warnings
-from typing import Iterable, Literal
+from typing import ClassVar, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
 
-from tucker_manifold.tucker import tensorly_pytorch
+from ..tucker import tensorly_pytorch
+from .base import FactorizedConv2d, FactorizedLayer, FactorizedLinear, IntOrPair, Padding, UnsupportedModuleError
+from .replace import ConversionSummary, Selection, replace_modules
 
 __all__ = [
     "CPConv2d",
@@ -46,8 +47,7 @@ __all__ = [
 
 Method = Literal["cp", "matrix"]
 Init = Literal["svd", "random"]
-_IntOrPair = int | tuple[int, int]
-_Padding = int | tuple[int, int] | str
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,18 +77,6 @@ def _default_std(fan_in: int, rank: int, n_factors: int) -> float:
     return (1.0 / (3.0 * fan_in * rank)) ** (1.0 / (2 * n_factors))
 
 
-def _init_bias(bias: torch.Tensor | None, fan_in: int) -> None:
-    if bias is not None:
-        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-        nn.init.uniform_(bias, -bound, bound)
-
-
-def _copy_bias(dst: torch.Tensor | None, src: torch.Tensor | None) -> None:
-    if dst is not None and src is not None:
-        with torch.no_grad():
-            dst.copy_(src.detach().to(dtype=dst.dtype, device=dst.device))
-
-
 def _truncated_svd_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``matrix (m, n) ~= A @ B^T`` with ``A = U sqrt(S)`` ``(m, rank)``, ``B = V sqrt(S)`` ``(n, rank)``."""
     # float64 so that the full-rank factorisation reproduces float32 weights to rounding.
@@ -97,109 +85,92 @@ def _truncated_svd_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tenso
     return u[:, :rank] * root, vh[:rank].T * root
 
 
-class _ConvGeometry(nn.Module):
-    """Shared conv hyper-parameters, padding handling and bookkeeping of the factorized convs."""
+class _RankR(FactorizedLayer):
+    """Shared by the rank-``R`` baselines: factor matrices ``(rows, R)`` named by ``factor_names``,
+    ``ranks = (R,)``, the default-variance init (module docstring)."""
 
-    def _setup_geometry(
+    rank: int
+    factor_names: ClassVar[tuple[str, ...]] = ()
+    #: cap ``R`` at the full rank ``min(shape[0], fan_in)`` of the weight matrix (matrix layers)
+    capped: ClassVar[bool] = True
+
+    def _factor_rows(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _init_factors(self, rank: int, bias: bool, dtype, device) -> None:
+        self.rank = _check_rank(rank)
+        full = min(self.shape[0], self.fan_in)
+        if self.capped and rank > full:
+            # Extra rank-one terms beyond full rank add parameters but no expressiveness.
+            raise ValueError(f"`rank` must be <= {full}, the full rank of the {self.shape[0]} x {self.fan_in} weight matrix, got {rank}")
+        for name, rows in zip(self.factor_names, self._factor_rows()):
+            setattr(self, name, nn.Parameter(torch.empty(rows, rank, device=device, dtype=dtype)))
+        self._make_bias(bias, dtype, device)
+        self.reset_parameters()
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (self.rank,)
+
+    @property
+    def factors(self) -> tuple[torch.Tensor, ...]:
+        """The factor matrices, each ``(rows, R)``."""
+        return tuple(getattr(self, n) for n in self.factor_names)
+
+    def reset_parameters(self) -> None:
+        """Random init matching the variance of PyTorch's default init (see module docstring)."""
+        factors = self.factors
+        std = _default_std(self.fan_in, self.rank, n_factors=len(factors))
+        for f in factors:
+            nn.init.normal_(f, 0.0, std)
+        self._reset_bias()
+
+
+class _RankRConv2d(_RankR, FactorizedConv2d):
+    """A rank-``R`` conv (CP or matrix): ``nn.Conv2d``'s arguments (``groups`` must be 1) plus ``rank``."""
+
+    def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: _IntOrPair,
+        kernel_size: IntOrPair,
         rank: int,
-        stride: _IntOrPair,
-        padding: _Padding,
-        dilation: _IntOrPair,
-        padding_mode: str,
+        stride: IntOrPair = 1,
+        padding: Padding = 0,
+        dilation: IntOrPair = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+        groups: int = 1,
     ) -> None:
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            _check_rank(value, name)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size: tuple[int, int] = _pair(kernel_size)
-        self.stride: tuple[int, int] = _pair(stride)
-        self.dilation: tuple[int, int] = _pair(dilation)
-        self.rank = _check_rank(rank)
-        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            raise ValueError(f"`padding_mode` must be zeros/reflect/replicate/circular, got {padding_mode!r}")
-        self.padding_mode = padding_mode
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"`padding` must be 'same', 'valid', an int or a pair, got {padding!r}")
-            if padding == "same" and self.stride != (1, 1):
-                raise ValueError("`padding='same'` is not supported for strided convolutions")
-            self.padding: tuple[int, int] | str = padding
-        else:
-            self.padding = _pair(padding)
-        # Explicit (left_w, right_w, left_h, right_h) padding, as nn.Conv2d computes it; F.pad needs it
-        # for the non-zero padding modes, and the separable CP path needs it split per direction.
-        if self.padding == "valid":
-            self._lrtb = (0, 0, 0, 0)
-        elif self.padding == "same":
-            pads = []
-            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
-                total = d * (k - 1)
-                pads += [total // 2, total - total // 2]
-            self._lrtb = tuple(pads)
-        else:
-            ph, pw = self.padding
-            self._lrtb = (pw, pw, ph, ph)
-
-    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-        """Pad ``x`` up front when needed; return the padding that is left for the convs to do."""
-        lw, rw, lh, rh = self._lrtb
-        if self.padding_mode != "zeros":
-            return F.pad(x, self._lrtb, mode=self.padding_mode), (0, 0, 0, 0)
-        if lw != rw or lh != rh:
-            # Asymmetric 'same' padding (even kernels): conv2d can only pad symmetrically.
-            return F.pad(x, self._lrtb), (0, 0, 0, 0)
-        return x, self._lrtb
-
-    def dense_parameter_count(self) -> int:
-        """Parameters of the equivalent dense ``nn.Conv2d`` (weight + bias)."""
-        kh, kw = self.kernel_size
-        return self.out_channels * self.in_channels * kh * kw + (self.out_channels if self.bias is not None else 0)
-
-    @property
-    def _fan_in(self) -> int:
-        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        super().__init__()
+        self._setup_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        self._init_factors(rank, bias, dtype, device)
 
     def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
-            f"stride={self.stride}"
-        )
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        if self.bias is None:
-            s += ", bias=False"
-        return s
+        return f"{self._conv_repr()}, rank={self.rank}"
 
-    @staticmethod
-    def _check_dense_conv(conv: nn.Module) -> nn.Conv2d:
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
-        if conv.groups != 1:
-            raise ValueError(f"only groups=1 convolutions can be factorized, got groups={conv.groups}")
-        return conv
 
-    @staticmethod
-    def _geometry_kwargs(conv: nn.Conv2d) -> dict:
-        return dict(
-            in_channels=conv.in_channels,
-            out_channels=conv.out_channels,
-            kernel_size=conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-        )
+def _randomly_like(cls, module: nn.Module, rank: int, init: str):
+    """A rank-``rank`` layer of class ``cls`` with ``module``'s geometry, random factors and its bias."""
+    module = cls._check_dense(module)
+    _check_rank(rank)
+    _check_init(init)
+    layer = cls(rank=rank, **cls.dense_kwargs(module))
+    layer._copy_bias_from(module)
+    return layer
+
+
+def _matrix_from_dense(cls, module: nn.Module, rank: int, init: str):
+    """A matrix layer from ``module``: truncated SVD of ``weight.reshape(C_out, -1)`` (or random init)."""
+    layer = _randomly_like(cls, module, rank, init)
+    if init == "svd":
+        a, b = _truncated_svd_factors(module.weight.reshape(module.weight.shape[0], -1), rank)
+        with torch.no_grad():
+            layer.A.copy_(a.to(layer.A.dtype))
+            layer.B.copy_(b.to(layer.B.dtype))
+    return layer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +178,7 @@ class _ConvGeometry(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-class CPConv2d(_ConvGeometry):
+class CPConv2d(_RankRConv2d):
     """CP-factorized 2-D convolution (Lebedev et al., 2015).
 
     ``W[o, c, h, w] = sum_k A[o, k] B[c, k] H[h, k] V[w, k]`` with ``A (C_out, R)``, ``B (C_in, R)``,
@@ -223,42 +194,11 @@ class CPConv2d(_ConvGeometry):
         CP rank ``R`` (may exceed any of the dimensions).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _IntOrPair,
-        rank: int,
-        stride: _IntOrPair = 1,
-        padding: _Padding = 0,
-        dilation: _IntOrPair = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self._setup_geometry(in_channels, out_channels, kernel_size, rank, stride, padding, dilation, padding_mode)
-        kh, kw = self.kernel_size
-        fk = dict(device=device, dtype=dtype)
-        self.A = nn.Parameter(torch.empty(out_channels, rank, **fk))
-        self.B = nn.Parameter(torch.empty(in_channels, rank, **fk))
-        self.H = nn.Parameter(torch.empty(kh, rank, **fk))
-        self.V = nn.Parameter(torch.empty(kw, rank, **fk))
-        self.bias = nn.Parameter(torch.empty(out_channels, **fk)) if bias else None
-        self.reset_parameters()
+    factor_names = ("A", "B", "H", "V")
+    capped = False
 
-    def reset_parameters(self) -> None:
-        """Random init matching the variance of PyTorch's default conv init (see module docstring)."""
-        std = _default_std(self._fan_in, self.rank, n_factors=4)
-        for f in (self.A, self.B, self.H, self.V):
-            nn.init.normal_(f, 0.0, std)
-        _init_bias(self.bias, self._fan_in)
-
-    @property
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(A, B, H, V)`` with shapes ``(C_out, R), (C_in, R), (k_h, R), (k_w, R)``."""
-        return self.A, self.B, self.H, self.V
+    def _factor_rows(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels) + tuple(self.kernel_size)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -296,11 +236,7 @@ class CPConv2d(_ConvGeometry):
         RuntimeError
             If the decomposition fails or produces non-finite factors.
         """
-        conv = cls._check_dense_conv(conv)
-        _check_rank(rank)
-        _check_init(init)
-        layer = cls(rank=rank, **cls._geometry_kwargs(conv))
-        _copy_bias(layer.bias, conv.bias)
+        layer = _randomly_like(cls, conv, rank, init)
         if init == "random":
             return layer
         kernel = conv.weight.detach().to(torch.float64)
@@ -336,7 +272,7 @@ class CPConv2d(_ConvGeometry):
 # ----------------------------------------------------------------------------------------------
 
 
-class MatrixConv2d(_ConvGeometry):
+class MatrixConv2d(_RankRConv2d):
     """2-D convolution whose reshaped kernel is a rank-``R`` matrix.
 
     ``W.reshape(C_out, C_in k_h k_w) = A @ B^T`` with ``A (C_out, R)``, ``B (C_in k_h k_w, R)``. The
@@ -351,38 +287,10 @@ class MatrixConv2d(_ConvGeometry):
         ``1 <= R <= min(C_out, C_in k_h k_w)``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _IntOrPair,
-        rank: int,
-        stride: _IntOrPair = 1,
-        padding: _Padding = 0,
-        dilation: _IntOrPair = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self._setup_geometry(in_channels, out_channels, kernel_size, rank, stride, padding, dilation, padding_mode)
-        full = min(out_channels, self._fan_in)
-        if rank > full:
-            # Extra rank-one terms beyond full rank add parameters but no expressiveness.
-            raise ValueError(f"`rank` must be <= min(C_out, C_in*k_h*k_w) = {full}, got {rank}")
-        fk = dict(device=device, dtype=dtype)
-        self.A = nn.Parameter(torch.empty(out_channels, rank, **fk))
-        self.B = nn.Parameter(torch.empty(self._fan_in, rank, **fk))
-        self.bias = nn.Parameter(torch.empty(out_channels, **fk)) if bias else None
-        self.reset_parameters()
+    factor_names = ("A", "B")
 
-    def reset_parameters(self) -> None:
-        """Random init matching the variance of PyTorch's default conv init (see module docstring)."""
-        std = _default_std(self._fan_in, self.rank, n_factors=2)
-        nn.init.normal_(self.A, 0.0, std)
-        nn.init.normal_(self.B, 0.0, std)
-        _init_bias(self.bias, self._fan_in)
+    def _factor_rows(self) -> tuple[int, ...]:
+        return (self.out_channels, self.fan_in)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -404,17 +312,7 @@ class MatrixConv2d(_ConvGeometry):
         split evenly (``A = U sqrt(S)``, ``B = V sqrt(S)``); exact at full rank. ``init="random"``:
         default random init, only the bias is taken from ``conv``.
         """
-        conv = cls._check_dense_conv(conv)
-        _check_rank(rank)
-        _check_init(init)
-        layer = cls(rank=rank, **cls._geometry_kwargs(conv))
-        _copy_bias(layer.bias, conv.bias)
-        if init == "svd":
-            a, b = _truncated_svd_factors(conv.weight.reshape(conv.out_channels, -1), rank)
-            with torch.no_grad():
-                layer.A.copy_(a.to(layer.A.dtype))
-                layer.B.copy_(b.to(layer.B.dtype))
-        return layer
+        return _matrix_from_dense(cls, conv, rank, init)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,11 +320,13 @@ class MatrixConv2d(_ConvGeometry):
 # ----------------------------------------------------------------------------------------------
 
 
-class MatrixLinear(nn.Module):
+class MatrixLinear(_RankR, FactorizedLinear):
     """Linear layer with a rank-``R`` weight ``W = A @ B^T``, ``A (out, R)``, ``B (in, R)``.
 
     ``forward``: ``(..., in) -> (..., out)`` as ``(x @ B) @ A^T + bias``. ``1 <= R <= min(out, in)``.
     """
+
+    factor_names = ("A", "B")
 
     def __init__(
         self,
@@ -434,31 +334,15 @@ class MatrixLinear(nn.Module):
         out_features: int,
         rank: int,
         bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        _check_rank(in_features, "in_features")
-        _check_rank(out_features, "out_features")
-        _check_rank(rank)
-        if rank > min(in_features, out_features):
-            raise ValueError(f"`rank` must be <= min(out_features, in_features) = "
-                             f"{min(in_features, out_features)}, got {rank}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
-        fk = dict(device=device, dtype=dtype)
-        self.A = nn.Parameter(torch.empty(out_features, rank, **fk))
-        self.B = nn.Parameter(torch.empty(in_features, rank, **fk))
-        self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
-        self.reset_parameters()
+        self._setup_linear(in_features, out_features)
+        self._init_factors(rank, bias, dtype, device)
 
-    def reset_parameters(self) -> None:
-        """Random init matching the variance of PyTorch's default linear init (see module docstring)."""
-        std = _default_std(self.in_features, self.rank, n_factors=2)
-        nn.init.normal_(self.A, 0.0, std)
-        nn.init.normal_(self.B, 0.0, std)
-        _init_bias(self.bias, self.in_features)
+    def _factor_rows(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -468,32 +352,10 @@ class MatrixLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.B.T), self.A, self.bias)
 
-    def dense_parameter_count(self) -> int:
-        """Parameters of the equivalent dense ``nn.Linear`` (weight + bias)."""
-        return self.out_features * self.in_features + (self.out_features if self.bias is not None else 0)
-
     @classmethod
     def from_dense(cls, linear: nn.Linear, rank: int, init: Init = "svd") -> "MatrixLinear":
         """Build from a dense ``nn.Linear`` (bias copied); ``init`` as in :meth:`MatrixConv2d.from_dense`."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
-        _check_rank(rank)
-        _check_init(init)
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            bias=linear.bias is not None,
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
-        _copy_bias(layer.bias, linear.bias)
-        if init == "svd":
-            a, b = _truncated_svd_factors(linear.weight, rank)
-            with torch.no_grad():
-                layer.A.copy_(a.to(layer.A.dtype))
-                layer.B.copy_(b.to(layer.B.dtype))
-        return layer
+        return _matrix_from_dense(cls, linear, rank, init)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -518,7 +380,7 @@ def _dense_dims(layer: nn.Module) -> tuple[int, int, int, int]:
         return (layer.out_channels, layer.in_channels, *layer.kernel_size)
     if isinstance(layer, nn.Linear):
         return (layer.out_features, layer.in_features, 1, 1)
-    raise TypeError(f"expected an nn.Conv2d or nn.Linear, got {type(layer).__name__}")
+    raise UnsupportedModuleError(f"layer_dense must be an nn.Conv2d or nn.Linear, got {type(layer).__name__}")
 
 
 def _cost_per_rank(layer: nn.Module, method: str) -> tuple[int, int | None]:
@@ -564,18 +426,21 @@ def _resolve_rank(layer: nn.Module, method: str, rank: int | None, rank_fraction
 def factorize_model(
     model: nn.Module,
     method: Method,
-    rank: int | None = None,
-    rank_fraction: float | None = None,
+    rank: Optional[int] = None,
+    rank_fraction: Optional[float] = None,
     include_linear: bool = False,
-    exclude: Iterable[str] = (),
+    exclude: Selection = (),
     init: Init = "svd",
-) -> nn.Module:
+    include: Selection = None,
+    return_summary: bool = False,
+) -> Union[nn.Module, tuple[nn.Module, ConversionSummary]]:
     """Replace the dense layers of ``model`` by factorized ones, in place, keeping module names.
 
     Every module of exact type ``nn.Conv2d`` with ``groups == 1`` (and of exact type ``nn.Linear`` if
     ``include_linear``) is replaced by ``CPConv2d``/``MatrixConv2d`` (``CPLinear``/``MatrixLinear``)
     built with ``from_dense(layer, rank, init)``. Grouped/depthwise convs and subclasses (which may
-    override ``forward``) are left dense.
+    override ``forward``) are left dense. Modules are selected exactly as by ``tuckerize`` (the shared
+    engine :mod:`tucker_manifold.nn.replace`).
 
     Parameters
     ----------
@@ -589,15 +454,19 @@ def factorize_model(
         min(C_out, C_in k_h k_w)`` for matrix layers (and all linear layers) and ``C_out`` for CP convs.
     include_linear
         Also factorize ``nn.Linear`` layers.
-    exclude
-        Qualified module names (as in ``model.named_modules()``) to leave dense.
+    exclude, include
+        Qualified module names (each also selects everything below it), compiled regular expressions or
+        module classes to leave dense / to restrict the conversion to; exclude wins.
     init
         ``"svd"`` (decompose the current weights) or ``"random"`` (fresh init, biases copied).
+    return_summary
+        Also return the :class:`~tucker_manifold.nn.replace.ConversionSummary` (converted modules,
+        skipped ones with the reason); it is logged at INFO level either way.
 
     Returns
     -------
     nn.Module
-        ``model``.
+        ``model`` (or ``(model, summary)``).
     """
     _check_method(method)
     _check_init(init)
@@ -610,33 +479,16 @@ def factorize_model(
             0.0 < rank_fraction <= 1.0
         ):
             raise ValueError(f"`rank_fraction` must be a number in (0, 1], got {rank_fraction!r}")
-    if isinstance(exclude, str):  # a single name would otherwise be iterated character by character
-        exclude = (exclude,)
-    exclude = set(exclude)
-    names = {name for name, _ in model.named_modules()}
-    unknown = sorted(exclude - names)
-    if unknown:
-        raise ValueError(f"`exclude` names not found in the model: {unknown}")
+    targets: dict[type, type] = {nn.Conv2d: CPConv2d if method == "cp" else MatrixConv2d}
+    hints = {}
+    if include_linear:
+        targets[nn.Linear] = CPLinear if method == "cp" else MatrixLinear
+    else:
+        hints[nn.Linear] = "nn.Linear is factorized only with include_linear=True"
 
-    conv_cls = CPConv2d if method == "cp" else MatrixConv2d
-    linear_cls = CPLinear if method == "cp" else MatrixLinear
-    # Snapshot first: replacing while iterating named_modules() would mutate the traversal.
-    targets = []
-    for name, module in model.named_modules():
-        if name in exclude:
-            continue
-        if type(module) is nn.Conv2d and module.groups == 1:
-            targets.append((name, module, conv_cls))
-        elif include_linear and type(module) is nn.Linear:
-            targets.append((name, module, linear_cls))
+    def build(cls, module: nn.Module) -> nn.Module:
+        return cls.from_dense(module, _resolve_rank(module, method, rank, rank_fraction), init=init)
 
-    for name, module, cls in targets:
-        r = _resolve_rank(module, method, rank, rank_fraction)
-        new = cls.from_dense(module, r, init=init)
-        new.train(module.training)
-        if name == "":
-            return new
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-    return model
+    root, summary = replace_modules(model, targets, build, include=include, exclude=exclude or None, hints=hints)
+    logger.info("factorize_model: %s", summary)
+    return (root, summary) if return_summary else root

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -229,17 +229,22 @@ class TuckerLayer(FactorizedLayer):
     tucker_weight: TuckerParameter
 
     # -- construction helpers
-    def _init_tucker(self, ranks: Sequence[int], bounds: RankBounds, forward_mode: str, dtype, device) -> None:
-        """The parameter at a random point (:meth:`_default_point`), the ranks buffer, the state-dict hooks."""
+    def _init_tucker(self, ranks, rank_min, rank_max, adaptive_modes, forward_mode: str, bias: bool, dtype, device) -> None:
+        """After the geometry is set: the parameter at a random point (:meth:`_default_point`) with its
+        declared bounds, the ranks buffer, the state-dict hooks, the bias (PyTorch's default init)."""
         _check_forward_mode(forward_mode)
         self.forward_mode = forward_mode
-        manifold = tucker_manifold(self.shape, tuple(ranks))
+        shape = self.shape
+        bounds = _resolve_bounds(shape, self.default_adaptive(len(shape)), rank_min, rank_max, adaptive_modes)
+        manifold = tucker_manifold(shape, self._resolve_ranks(shape, ranks))
         packed = self._default_point(manifold, dtype, device)
         self.tucker_weight = make_tucker_parameter(packed, manifold, bounds)
         self.register_buffer("tucker_ranks", torch.tensor(manifold.ranks, dtype=torch.int64, device=packed.device))
         self.register_state_dict_pre_hook(_record_ranks)
         self.register_load_state_dict_pre_hook(_resize_to_saved_ranks)
         self.register_load_state_dict_post_hook(_keep_tucker_parameter)
+        self._make_bias(bias, dtype or torch.get_default_dtype(), device)
+        self._reset_bias()
 
     def _default_point(self, manifold: FixedRankTucker, dtype, device, generator=None) -> torch.Tensor:
         """Orthonormal factors, Gaussian core with ``E||C||_F^2 = prod(n) / (3 fan_in)`` (PyTorch's default)."""
@@ -449,12 +454,7 @@ class TuckerConv2d(TuckerLayer, FactorizedConv2d):
     ):
         super().__init__()
         self._setup_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
-        _check_forward_mode(forward_mode)
-        shape = self.shape
-        bounds = _resolve_bounds(shape, self.default_adaptive(4), rank_min, rank_max, adaptive_modes)
-        self._init_tucker(self._resolve_ranks(shape, ranks), bounds, forward_mode, dtype, device)
-        self._make_bias(bias, dtype or torch.get_default_dtype(), device)
-        self._reset_bias()
+        self._init_tucker(ranks, rank_min, rank_max, adaptive_modes, forward_mode, bias, dtype, device)
 
     # -- forward
     def forward_costs(self, input_shape: Optional[Sequence[int]] = None) -> dict[str, float]:
@@ -518,13 +518,8 @@ class TuckerLinear(TuckerLayer, FactorizedLinear):
         dtype=None,
     ):
         super().__init__()
-        _check_forward_mode(forward_mode)
         self._setup_linear(in_features, out_features)
-        shape = self.shape
-        bounds = _resolve_bounds(shape, self.default_adaptive(2), rank_min, rank_max, adaptive_modes)
-        self._init_tucker(self._resolve_ranks(shape, ranks), bounds, forward_mode, dtype, device)
-        self._make_bias(bias, dtype or torch.get_default_dtype(), device)
-        self._reset_bias()
+        self._init_tucker(ranks, rank_min, rank_max, adaptive_modes, forward_mode, bias, dtype, device)
 
     def forward_costs(self, input_shape: Optional[Sequence[int]] = None) -> dict[str, float]:
         """Multiply-adds per input row: factorized ``in r_in + r_in r_out + r_out out``, reconstructed

@@ -6,19 +6,22 @@
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .base import FactorizedLayer, is_conv_layer
 from .layers import TuckerConv2d, TuckerLayer, TuckerLinear, valid_multilinear_ranks
+from .replace import ConversionSummary, Selection, replace_modules
 
 __all__ = ["tuckerize", "compression_rate", "ranks", "tucker_parameters", "tucker_layers"]
 
 IntOrTuple = Union[int, Sequence[int]]
-Selector = Iterable[Union[str, type]]
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ argument checks
@@ -48,32 +51,6 @@ def _check_int_or_tuple(v, name: str, allow_none: bool = False) -> Optional[Unio
     return t
 
 
-def _split_selector(sel: Optional[Selector], name: str) -> Optional[tuple[list[str], tuple[type, ...]]]:
-    if sel is None:
-        return None
-    if isinstance(sel, (str, type)):
-        sel = [sel]
-    names, types = [], []
-    for s in sel:
-        if isinstance(s, str):
-            names.append(s)
-        elif isinstance(s, type):
-            types.append(s)
-        else:
-            raise ValueError(f"{name} entries must be qualified module names (str) or module classes, got {s!r}")
-    return names, tuple(types)
-
-
-def _name_matches(qualified: str, name: str) -> bool:
-    """``name`` selects a module and everything below it."""
-    return qualified == name or qualified.startswith(name + ".")
-
-
-def _selected(qualified: str, module: nn.Module, sel: tuple[list[str], tuple[type, ...]]) -> bool:
-    names, types = sel
-    return any(_name_matches(qualified, n) for n in names) or (bool(types) and isinstance(module, types))
-
-
 def _expand(v: Optional[IntOrTuple], shape: tuple[int, ...], adaptive: Sequence[bool], default: Sequence[int]) -> list[int]:
     """Per-mode values from an int (adaptive modes; others keep ``default``) or a tuple, clamped to ``n_i``.
 
@@ -91,33 +68,6 @@ def _expand(v: Optional[IntOrTuple], shape: tuple[int, ...], adaptive: Sequence[
     return [min(a, n) for a, n in zip(vals, shape)]
 
 
-# ------------------------------------------------------------------------------------ traversal
-def _edges(module: nn.Module, prefix: str = "") -> Iterator[tuple[nn.Module, str, str, nn.Module]]:
-    """Every (parent, attribute name, qualified name, child) edge, shared modules included."""
-    for name, child in module._modules.items():
-        if child is None:
-            continue
-        q = f"{prefix}.{name}" if prefix else name
-        yield module, name, q, child
-        if not isinstance(child, TuckerLayer):
-            yield from _edges(child, q)
-
-
-def _convertible(module: nn.Module, parent: Optional[nn.Module], linear: bool) -> Optional[str]:
-    """``"conv"``, ``"linear"`` or ``None`` (left as it is)."""
-    if isinstance(module, TuckerLayer):
-        return None
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or nn.parameter.is_lazy(weight):
-        return None
-    if isinstance(module, nn.Conv2d):
-        return "conv" if module.groups == 1 and module.padding_mode == "zeros" else None
-    if linear and isinstance(module, nn.Linear):
-        # nn.MultiheadAttention reads out_proj.weight directly and has fast paths keyed on its type.
-        return None if isinstance(parent, nn.MultiheadAttention) else "linear"
-    return None
-
-
 # ------------------------------------------------------------------------------------ tuckerize
 def tuckerize(
     model: nn.Module,
@@ -125,17 +75,18 @@ def tuckerize(
     rank_fraction: Optional[float] = None,
     tau: Optional[float] = None,
     init: str = "hosvd",
-    include: Optional[Selector] = None,
-    exclude: Optional[Selector] = None,
+    include: Selection = None,
+    exclude: Selection = None,
     linear: bool = False,
     adapt: str = "channels",
     rank_min: IntOrTuple = 1,
     rank_max: Optional[IntOrTuple] = None,
     forward_mode: str = "auto",
-) -> nn.Module:
+    return_summary: bool = False,
+) -> Union[nn.Module, tuple[nn.Module, ConversionSummary]]:
     """Replace ``nn.Conv2d`` (``groups == 1``, zero padding) and, with ``linear=True``, ``nn.Linear`` modules
     by :class:`TuckerConv2d` / :class:`TuckerLinear`, in place and recursively; returns ``model`` (or the new
-    layer if ``model`` itself is converted).
+    layer if ``model`` itself is converted), or ``(model, summary)`` with ``return_summary=True``.
 
     Ranks: at most one of
       * ``ranks``: an int (both channel modes; spatial modes full rank) or a tuple ``(r_out, r_in, r_h, r_w)``
@@ -151,10 +102,17 @@ def tuckerize(
     conv adapt) or ``"all"``; both modes of a linear layer always adapt. rank_min / rank_max: an int
     (applied to adaptive modes) or a per-mode tuple (clamped to ``n_i``); rank_max defaults to ``n_i``.
 
-    include / exclude: qualified module names (a name also selects everything below it) or module
-    classes; exclude wins. An include name that selects no convertible module, or an exclude name that
-    names no module at all, is a ValueError (it is almost always a typo). ``Linear`` children of
-    ``nn.MultiheadAttention`` are never converted (it reads their weight directly).
+    include / exclude: qualified module names (a name also selects everything below it), compiled regular
+    expressions (full match on a qualified name) or module classes; exclude wins (see
+    :mod:`tucker_manifold.nn.replace`, shared with ``factorize_model``). An include name that selects no
+    convertible module, or an exclude name that names no module at all, is a ValueError (it is almost
+    always a typo). Only exact ``nn.Conv2d`` / ``nn.Linear`` are converted (not subclasses); ``Linear``
+    children of ``nn.MultiheadAttention`` never (it reads their weight directly).
+
+    What was converted and what was skipped, with the reason (unsupported type such as ``Conv1d``,
+    ``groups != 1``, padding mode, ``nn.Linear`` without ``linear=True``, not included, excluded): the
+    :class:`~tucker_manifold.nn.replace.ConversionSummary`, returned with ``return_summary=True`` and
+    logged at INFO level on the ``tucker_manifold.nn.tuckerize`` logger.
     """
     given = [n for n, v in (("ranks", ranks), ("rank_fraction", rank_fraction), ("tau", tau)) if v is not None]
     if len(given) > 1:
@@ -179,70 +137,33 @@ def tuckerize(
     rank_max = _check_int_or_tuple(rank_max, "rank_max", allow_none=True)
     if _is_int(rank_min) and _is_int(rank_max) and rank_min > rank_max:
         raise ValueError(f"rank_min ({rank_min}) must be <= rank_max ({rank_max})")
-    inc = _split_selector(include, "include")
-    exc = _split_selector(exclude, "exclude")
-
-    # Plan: which modules (by identity; a shared module is converted once) and where they sit.
-    edges = [(None, "", "", model)] + list(_edges(model))
-    all_names = {q for _, _, q, _ in edges}
-    if exc is not None:
-        for n in exc[0]:
-            if not any(_name_matches(q, n) for q in all_names):
-                raise ValueError(f"exclude name {n!r} matches no module of the model")
-    kinds: dict[int, str] = {}
-    names_hit: set[str] = set()
-    for parent, _, q, m in edges:
-        kind = _convertible(m, parent, linear)
-        if kind is None:
-            continue
-        if inc is not None:
-            if not _selected(q, m, inc):
-                continue
-            names_hit.update(n for n in inc[0] if _name_matches(q, n))
-        if exc is not None and _selected(q, m, exc):
-            continue
-        kinds[id(m)] = kind
-    if inc is not None:
-        # Names are checked before exclude, so "include a block, exclude one of its convs" is fine.
-        missing = [n for n in inc[0] if n not in names_hit]
-        if missing:
-            raise ValueError(
-                f"include name(s) {missing} match no convertible module (nn.Conv2d with groups=1 and zero "
-                f"padding{', nn.Linear' if linear else '; nn.Linear needs linear=True'})"
-            )
-
     opts = dict(
         ranks=ranks, rank_fraction=rank_fraction, tau=tau, init=init, adapt=adapt,
         rank_min=rank_min, rank_max=rank_max, forward_mode=forward_mode,
     )
-    new: dict[int, nn.Module] = {}
-    root = model
-    for parent, attr, q, m in edges:
-        if id(m) not in kinds:
-            continue
-        if id(m) not in new:
-            new[id(m)] = _convert(m, kinds[id(m)], **opts)
-        if parent is None:
-            root = new[id(m)]
-        else:
-            setattr(parent, attr, new[id(m)])
-    return root
+    targets: dict[type, type] = {nn.Conv2d: TuckerConv2d}
+    hints = {}
+    if linear:
+        targets[nn.Linear] = TuckerLinear
+    else:
+        hints[nn.Linear] = "nn.Linear is converted only with linear=True"
+    root, summary = replace_modules(
+        model, targets, lambda cls, m: _convert(m, cls, **opts), include=include, exclude=exclude, hints=hints
+    )
+    logger.info("tuckerize: %s", summary)
+    return (root, summary) if return_summary else root
 
 
 def _convert(
-    m: nn.Module, kind: str, *, ranks, rank_fraction, tau, init, adapt, rank_min, rank_max, forward_mode
+    m: nn.Module, cls: type, *, ranks, rank_fraction, tau, init, adapt, rank_min, rank_max, forward_mode
 ) -> TuckerLayer:
     shape = tuple(m.weight.shape)
     order = len(shape)
-    if kind == "conv":
-        adaptive = (True, True, False, False) if adapt == "channels" else (True,) * 4
-    else:
-        adaptive = (True, True)
+    adaptive = cls.default_adaptive(order) if adapt == "channels" else (True,) * order
     # Bounds: ints apply to adaptive modes; tuples are per mode; everything clamped to n_i.
     rmax = _expand(rank_max, shape, adaptive, shape)
     rmin = [min(a, b) for a, b in zip(_expand(rank_min, shape, adaptive, [1] * order), rmax)]
     bounds = dict(rank_min=tuple(rmin), rank_max=tuple(rmax), adaptive_modes=adaptive, forward_mode=forward_mode)
-    cls = TuckerConv2d if kind == "conv" else TuckerLinear
 
     if tau is not None:
         return cls.from_dense(m, tau=tau, **bounds)
@@ -261,14 +182,7 @@ def _convert(
 
     if init == "hosvd":
         return cls.from_dense(m, ranks=r, **bounds)
-    w = m.weight
-    if kind == "conv":
-        layer = TuckerConv2d(
-            m.in_channels, m.out_channels, m.kernel_size, r, stride=m.stride, padding=m.padding,
-            dilation=m.dilation, bias=m.bias is not None, device=w.device, dtype=w.dtype, **bounds,
-        )
-    else:
-        layer = TuckerLinear(m.in_features, m.out_features, r, bias=m.bias is not None, device=w.device, dtype=w.dtype, **bounds)
+    layer = cls(ranks=r, **cls.dense_kwargs(m), **bounds)
     layer.train(m.training)
     return layer
 
@@ -295,24 +209,13 @@ def ranks(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {n: m.ranks for n, m in tucker_layers(model)}
 
 
-def _is_factorized(m: nn.Module) -> bool:
-    return isinstance(m, TuckerLayer) or callable(getattr(m, "dense_parameter_count", None))
-
-
-def _is_conv(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv2d, TuckerConv2d)) or (
-        callable(getattr(m, "dense_parameter_count", None)) and type(m).__name__.endswith("Conv2d")
-    )
-
-
 def compression_rate(model: nn.Module) -> dict[str, float]:
     """Parameter counts and compression ``1 - compressed / dense``.
 
-    A factorized module (a Tucker layer or any module with ``dense_parameter_count()``, e.g. the CP /
-    matrix baselines) counts its own parameters as compressed and ``dense_parameter_count()`` as dense;
-    its submodules are not visited. Every other parameter counts the same in both (each shared parameter
-    once). ``"conv"`` restricts to convolutions (``nn.Conv2d``, ``TuckerConv2d`` and factorized modules
-    whose class name ends in ``Conv2d``); a model without convolutions gets ``conv = 0.0``.
+    A :class:`~tucker_manifold.nn.base.FactorizedLayer` (Tucker, CP, matrix, TT) counts its own parameters
+    as compressed and ``dense_parameter_count()`` as dense; its submodules are not visited. Every other
+    parameter counts the same in both (each shared parameter once). ``"conv"`` restricts to convolutions
+    (:func:`~tucker_manifold.nn.base.is_conv_layer`); a model without convolutions gets ``conv = 0.0``.
 
     Returns ``{"conv", "total", "conv_params", "conv_dense_params", "total_params", "total_dense_params"}``.
     """
@@ -328,19 +231,19 @@ def compression_rate(model: nn.Module) -> dict[str, float]:
         return n
 
     def visit(m: nn.Module) -> None:
-        if _is_factorized(m):
+        if isinstance(m, FactorizedLayer):
             comp = fresh(m.parameters())
             dense = int(m.dense_parameter_count()) if comp else 0
             counts["total_params"] += comp
             counts["total_dense_params"] += dense
-            if _is_conv(m):
+            if is_conv_layer(m):
                 counts["conv_params"] += comp
                 counts["conv_dense_params"] += dense
             return
         own = fresh(p for p in m._parameters.values() if p is not None)
         counts["total_params"] += own
         counts["total_dense_params"] += own
-        if isinstance(m, nn.Conv2d):
+        if is_conv_layer(m):
             counts["conv_params"] += own
             counts["conv_dense_params"] += own
         for child in m.children():
