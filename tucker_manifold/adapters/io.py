@@ -51,7 +51,9 @@ def _trained_copies(root: nn.Module) -> dict[str, nn.Module]:
 
 def save_adapters(model: nn.Module, path: PathLike) -> Path:
     """Write the adapters of ``model`` (and its trained ``modules_to_save``) to the folder ``path``
-    (created if needed); returns it. Base weights are not written."""
+    (created if needed); returns it. Nothing of the base model is written, buffers included: BatchNorm
+    running statistics that training in train mode changed are kept only if the BatchNorm layers are in
+    ``modules_to_save`` (as with PEFT)."""
     root = unwrap_peft(model)
     config = getattr(root, _CONFIG_ATTR, None)
     deltas = _deltas(root)

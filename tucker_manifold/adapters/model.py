@@ -120,12 +120,12 @@ def make_delta(base: nn.Module, config: TuckerAdapterConfig, name: str) -> Tucke
             f"{src}={rmax} is larger than layer {name!r} ({type(base).__name__} with weight shape {shape}) allows "
             f"(at most {limit}); lower it, exclude the layer, or set a per-layer rank_pattern"
         )
-    rmax = limit if rmax is None else rmax
-    r0 = min(config.init_rank, rmax)
-    if r0 > limit:  # only possible with rank_max=None
+    r0 = config.init_rank if rmax is None else min(config.init_rank, rmax)  # a rank_pattern lowers init_rank
+    if r0 > limit:
         raise ValueError(
             f"init_rank={config.init_rank} is larger than layer {name!r} (weight shape {shape}) allows (at most {limit})"
         )
+    rmax = limit if rmax is None else rmax
     rmin = min(config.rank_min, r0)
     if kind == "linear":
         ranks = (r0, r0)
