@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from tucker_manifold.training import TrainConfig, compare_methods
+from tucker_manifold.experiments import TrainConfig, compare_methods, markdown_table, summarize
 
 
 def main(argv=None):
@@ -22,10 +22,10 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.quick:
-        base = TrainConfig(model="vgg-mnist", data="digits", subset=400, epochs=1, batch_size=64, lr=0.05)
+        base = TrainConfig(model="vgg-mnist", data="digits", subset=400, epochs=1, batch_size=64)
         methods, taus = ["tdlrt", "vanilla-tucker", "dense"], [0.15]
     else:
-        base = TrainConfig(model="vgg-mnist", data="mnist", subset=2000, epochs=2, batch_size=32, lr=0.05)
+        base = TrainConfig(model="vgg-mnist", data="mnist", subset=2000, epochs=2)  # lr, batch: the defaults
         methods, taus = ["dense", "tdlrt", "vanilla-tucker", "cp", "matrix"], [0.1, 0.2]
 
     threads = torch.get_num_threads()
@@ -34,6 +34,7 @@ def main(argv=None):
         rows = compare_methods(base, methods=methods, taus=taus, seeds=1, out=args.out, progress=False)
     finally:
         torch.set_num_threads(threads)
+    print(markdown_table(summarize(rows), base))
     best = max((r for r in rows if r["method"] != "dense"), key=lambda r: r["test_acc"])
     print(f"best compressed run: {best['method']} (tau={best['tau']}) with test accuracy {best['test_acc']:.4f} "
           f"at {best['conv_compression']:.1%} conv compression; files in {args.out}/")

@@ -17,7 +17,7 @@ from tucker_manifold.data import load_dataset, make_loaders
 from tucker_manifold.models import build_model
 from tucker_manifold.nn import compression_rate, ranks, tuckerize
 from tucker_manifold.optim import TDLRT
-from tucker_manifold.training import evaluate
+from tucker_manifold.experiments import evaluate
 
 
 def main(argv=None):

@@ -20,6 +20,7 @@ pytest.importorskip("matplotlib")  # ranks.png / accuracy_vs_compression.png
 
 import tucker_manifold
 from tucker_manifold.cli import main
+from tucker_manifold.experiments import CHECKPOINT_NAME, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data", "digits", "--model", "vgg-mnist", "--subset", "400", "--batch-size", "64",
@@ -55,8 +56,17 @@ def test_help_lists_subcommands(capsys):
     assert "--rank-fraction" in capsys.readouterr().out
 
 
+def test_one_line_per_epoch_without_a_tty(tmp_path, capsys):
+    assert main(["train", *TINY[:-3], "--threads", "1", "--method", "dense", "--epochs", "2",
+                 "--out", str(tmp_path / "o")]) == 0  # progress left on auto: the captured output is no TTY
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.out.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert "\r" not in captured.out + captured.err
+
+
 def test_train_writes_files(train_run):
-    for name in ("metrics.json", "history.csv", "checkpoint.pt", "ranks.png", "ranks.json"):
+    for name in ("metrics.json", "history.csv", CHECKPOINT_NAME, "ranks.png", "ranks.json"):
         assert (train_run / name).is_file(), name
     assert (train_run / "ranks.png").read_bytes()[:8] == PNG
     m = json.loads((train_run / "metrics.json").read_text())
@@ -92,8 +102,32 @@ def test_resume_continues_history(train_run, tmp_path):
     assert rows[:2] == first  # the old rows are kept as they were
     m = json.loads((out / "metrics.json").read_text())
     assert m["epochs"] == 3 and m["test_acc"] > 0.2
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert ck["epoch"] == 3 and len(ck["history"]) == 3
+    ck = read_checkpoint(out / CHECKPOINT_NAME)
+    assert ck.epoch == 3 and len(ck.history) == 3
+
+
+def test_resume_reads_the_checkpoint_once(train_run, tmp_path, monkeypatch):
+    import safetensors
+
+    out = tmp_path / "run"
+    shutil.copytree(train_run, out)
+    opened = []
+    real = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
+    assert main(["train", *TINY, "--epochs", "3", "--out", str(out), "--resume"]) == 0
+    assert opened == [str(out / CHECKPOINT_NAME)]
+
+
+def test_resume_refuses_an_old_pickle_checkpoint(tmp_path, capsys):
+    out = tmp_path / "old"
+    out.mkdir()
+    torch.save({"epoch": 1}, out / "checkpoint.pt")
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(out), "--resume"]) != 0
+    err = capsys.readouterr().err
+    assert "not loaded" in err and "Traceback" not in err
+    (out / CHECKPOINT_NAME).write_bytes((out / "checkpoint.pt").read_bytes())  # a pickle under the new name
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(out), "--resume"]) != 0
+    assert "not a tucker_manifold checkpoint" in capsys.readouterr().err
 
 
 def test_resume_errors(train_run, tmp_path, capsys):
@@ -243,3 +277,60 @@ def test_example_compare_methods_quick(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["tdlrt", "dense", "vanilla-tucker"]
     assert (tmp_path / "results.md").is_file() and (tmp_path / "accuracy_vs_compression.png").is_file()
     assert "best compressed run" in capsys.readouterr().out
+
+
+def test_check_passes_no_output_folder_of_its_own(monkeypatch):
+    """Without --out the check's own default (./runs/checks/<name>) applies: the CLI adds nothing."""
+    calls = []
+    fake = types.ModuleType("proofs_checks.descent")
+    fake.main = lambda argv: calls.append(list(argv)) or 0
+    monkeypatch.setitem(sys.modules, "proofs_checks.descent", fake)
+    assert main(["check", "descent", "--quick"]) == 0
+    assert calls == [["--quick"]]
+
+
+@pytest.mark.slow
+def test_bench_from_an_installed_wheel(tmp_path):
+    """Build a wheel from a copy of the sources, install it (no deps) into a fresh venv that sees this
+    environment's packages, and run ``tucker-manifold bench`` from an unrelated folder."""
+    import os
+    import subprocess
+    import sysconfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    skip = shutil.ignore_patterns("__pycache__", "results", "*.egg-info")
+    for pkg in ("tucker_manifold", "proofs_checks"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=skip)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def run(*cmd, cwd=tmp_path):
+        res = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+        "-w", tmp_path / "dist", src)
+    wheel = next((tmp_path / "dist").glob("tucker_manifold-*.whl"))
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", "--without-pip", venv)
+    py = venv / "bin" / "python"
+    site = run(py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip()
+    # this environment's packages (torch, geoopt, ...) without its editable tucker_manifold: a path in a
+    # .pth file is added to sys.path, but the .pth files inside it are not run
+    (Path(site) / "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    run(sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "--no-index", "-q", wheel)
+    where = run(py, "-c", "import tucker_manifold; print(tucker_manifold.__file__)")
+    assert where.startswith(site), where
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    exe = venv / "bin" / "tucker-manifold"
+    listing = run(exe, "bench", cwd=cwd)
+    assert "step_time" in listing and "geometry" in listing
+    assert "--rounds" in run(exe, "bench", "step_time", "--help", cwd=cwd)
+    run(exe, "bench", "geometry", "--repeats", "1", cwd=cwd)
+    assert (cwd / "runs" / "bench" / "geometry" / "geometry.json").is_file()
+    assert not list(Path(site).rglob("geometry.json"))  # nothing written into the installed package

@@ -715,7 +715,7 @@ class TwoPass:
     """The reference closure, as training.py's: BatchNorm statistics are updated by pass 1 only."""
 
     def __init__(self, model, loss_fn, x, y):
-        from tucker_manifold.training import _frozen_bn_stats
+        from tucker_manifold.experiments.loop import frozen_bn_stats as _frozen_bn_stats
 
         self.model, self.loss_fn, self.x, self.y, self.calls = model, loss_fn, x, y, 0
         self.freeze = _frozen_bn_stats

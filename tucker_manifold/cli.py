@@ -1,54 +1,67 @@
-"""The ``tucker-manifold`` command: ``train``, ``compare``, ``check`` and ``bench``.
+"""The ``tucker-manifold`` command: ``train``, ``compare``, ``check`` and ``bench`` (argparse wiring over
+:mod:`tucker_manifold.experiments`, :mod:`proofs_checks` and :mod:`tucker_manifold.benchmarks`).
 
     tucker-manifold train   --model vgg-mnist --data mnist --method tdlrt --tau 0.1 --out runs/train
     tucker-manifold compare --quick                       # TDLRT vs baselines at equal compression
     tucker-manifold check descent --quick                 # numerical check of a theorem (proofs_checks/)
-    tucker-manifold bench step_time                       # benchmarks/step_time.py
+    tucker-manifold bench step_time                       # tucker_manifold/benchmarks/step_time.py
 
-User errors (unknown names, bad values, a missing optional package, an --out that is a file) print one
-line on stderr and exit with status 2, without a traceback; set ``TUCKER_MANIFOLD_DEBUG=1`` to see it.
+Defaults come from :class:`~tucker_manifold.experiments.TrainConfig` (the one set). User errors
+(unknown names, bad values, a missing optional package, an --out that is a file) print one line on
+stderr and exit with status 2, without a traceback; set ``TUCKER_MANIFOLD_DEBUG=1`` to see it.
+Progress: a bar on a terminal, one line per epoch on stdout in every case (``--no-progress``: no bar).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
-from .training import METHODS
+from .benchmarks import BENCHMARKS
+from .data import DATASET_NAMES
+from .experiments import (
+    CHECKPOINT_NAME,
+    DEFAULT_COMPARE_METHODS,
+    DEFAULTS,
+    PRESETS,
+    Checkpoint,
+    CheckpointError,
+    TrainConfig,
+    compare_methods,
+    markdown_table,
+    method_names,
+    read_checkpoint,
+    resolve_device,
+    run_experiment,
+    summarize,
+)
+from .models import MODEL_NAMES
 
 PROG = "tucker-manifold"
-# Fallbacks only: the names are read from tucker_manifold.models / .data / proofs_checks when present.
-MODELS = ("lenet5", "vgg-mnist", "alexnet", "vgg16", "resnet18")
-DATASETS = ("mnist", "digits", "mnist-idx", "cifar10")
-CHECKS = ("descent", "convergence", "approximation", "robustness")
-DEFAULT_COMPARE_METHODS = ("dense", "tdlrt", "vanilla-tucker", "cp", "matrix")
-
-# Presets (subset = training images; the test set is max(1000, proportional) images). Measured on the
-# shared 2-core CPU, one thread, vgg-mnist on MNIST: the default compare (5 methods, taus 0.1 and 0.2,
-# 2 seeds = 18 runs on 3000 images, 3 epochs) took 6.3-6.8 min, --quick (1 tau, 1 seed, 2000 images,
-# 2 epochs) 1.0-1.3 min, the default train (TDLRT, 5000 images, 3 epochs) 1 min.
-PRESETS = {
-    "train": {"default": dict(subset=5000, epochs=3), "quick": dict(subset=2000, epochs=2)},
-    "compare": {"default": dict(subset=3000, epochs=3, seeds=2, tau=[0.1, 0.2]),
-                "quick": dict(subset=2000, epochs=2, seeds=1, tau=[0.15])},
-}
-DEFAULT_LR = 0.05
-DEFAULT_MOMENTUM = 0.9
-DEFAULT_BATCH = 32
-DEFAULT_TAU = 0.15
+_CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
+# Options that may change on --resume (every other setting comes from the checkpoint's config).
+_RESUME_FREE = {"epochs", "device", "rank_every"}
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+def _checks() -> dict:
+    from proofs_checks import CHECKS
+
+    return CHECKS
+
+
 # ------------------------------------------------------------------------------------ argument types
-def _int_at_least(name, low):
+def _int_at_least(name: str, low: int):
     def parse(s):
         try:
             v = int(s)
@@ -60,15 +73,7 @@ def _int_at_least(name, low):
     return parse
 
 
-def _positive_int(name):
-    return _int_at_least(name, 1)
-
-
-def _nonneg_int(name):
-    return _int_at_least(name, 0)
-
-
-def _float(name, lo=None, hi=None, lo_open=False, hi_open=False):
+def _float(name: str, lo=None, hi=None, lo_open=False, hi_open=False):
     def parse(s):
         try:
             v = float(s)
@@ -80,66 +85,70 @@ def _float(name, lo=None, hi=None, lo_open=False, hi_open=False):
         if hi is not None:
             bad |= v >= hi if hi_open else v > hi
         if bad:
-            lb = "(" if lo_open else "["
-            rb = ")" if hi_open else "]"
-            rng = f"{lb}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{rb}"
+            rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{')' if hi_open else ']'}"
             raise argparse.ArgumentTypeError(f"{name} must be in {rng}, got {s!r}")
         return v
     return parse
 
 
-def _tau(s):
-    return _float("--tau", lo=0.0)(s)
+_tau = _float("--tau", lo=0.0)
+_fraction = _float("--rank-fraction", lo=0.0, hi=1.0, lo_open=True)
 
 
-def _tau_list(s):
+def _tau_list(s: str) -> list[float]:
     return [_tau(t) for t in s.split(",") if t.strip()]
 
 
-def _method_list(s):
+def _method_list(s: str) -> list[str]:
     methods = [m.strip() for m in s.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in method_names()]
     if bad or not methods:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; valid methods: {', '.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; valid methods: {', '.join(method_names())}")
     return methods
 
 
 # ------------------------------------------------------------------------------------ parser
+# Options that set a TrainConfig field default to None: the config's default applies when absent, and
+# "given on the command line" is simply "not None" (what --resume checks against the checkpoint).
 def _add_common(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="vgg-mnist", help=f"network: {', '.join(MODELS)} (default: vgg-mnist)")
-    g.add_argument("--data", default="mnist",
-                   help=f"dataset: {', '.join(DATASETS)} (default: mnist; 'digits' is scikit-learn's small fallback)")
+    g.add_argument("--model", default=None, help=f"network: {', '.join(MODEL_NAMES)} (default: {d.model})")
+    g.add_argument("--data", default=None, help=f"dataset: {', '.join(DATASET_NAMES)} (default: {d.data}; "
+                                                "'digits' is scikit-learn's small fallback)")
     g.add_argument("--data-root", default=None, help="folder of the IDX / CIFAR-10 files (mnist-idx, cifar10)")
-    g.add_argument("--subset", type=_positive_int("--subset"), default=None,
-                   help="number of training images (default: preset; the test set gets max(1000, proportional)); "
-                        "--full uses them all")
+    g.add_argument("--subset", type=_int_at_least("--subset", 1), default=None,
+                   help="number of training images (default: preset; the test set gets max(1000, proportional))")
     g.add_argument("--full", action="store_true", help="use the whole training set (overrides the preset subset)")
-    g.add_argument("--image-size", type=_positive_int("--image-size"), default=None,
+    g.add_argument("--image-size", type=_int_at_least("--image-size", 1), default=None,
                    help="resize images to this size (e.g. 28 for digits)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--lr", type=_float("--lr", lo=0.0, lo_open=True), default=DEFAULT_LR,
-                   help=f"learning rate, the same for every method (default: {DEFAULT_LR})")
-    g.add_argument("--momentum", type=_float("--momentum", lo=0.0, hi=1.0, hi_open=True), default=DEFAULT_MOMENTUM,
-                   help=f"SGD momentum (default: {DEFAULT_MOMENTUM})")
-    g.add_argument("--weight-decay", type=_float("--weight-decay", lo=0.0), default=0.0, help="L2 weight decay")
-    g.add_argument("--epochs", type=_positive_int("--epochs"), default=None, help="epochs (default: preset)")
-    g.add_argument("--batch-size", type=_positive_int("--batch-size"), default=DEFAULT_BATCH,
-                   help=f"batch size (default: {DEFAULT_BATCH})")
-    g.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
-                   help="learning-rate schedule over the run (default: cosine, to 0 at the last epoch)")
-    g.add_argument("--init", choices=("hosvd", "random"), default="hosvd",
-                   help="factorized layers: decompose the dense initialisation (hosvd) or draw them afresh (random)")
+    g.add_argument("--lr", type=_float("--lr", lo=0.0, lo_open=True), default=None,
+                   help=f"learning rate, the same for every method (default: {d.lr})")
+    g.add_argument("--momentum", type=_float("--momentum", lo=0.0, hi=1.0, hi_open=True), default=None,
+                   help=f"SGD momentum (default: {d.momentum})")
+    g.add_argument("--weight-decay", type=_float("--weight-decay", lo=0.0), default=None,
+                   help=f"L2 weight decay (default: {d.weight_decay})")
+    g.add_argument("--epochs", type=_int_at_least("--epochs", 1), default=None, help="epochs (default: preset)")
+    g.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=None,
+                   help=f"batch size (default: {d.batch_size})")
+    g.add_argument("--schedule", choices=("constant", "cosine"), default=None,
+                   help=f"learning-rate schedule over the run (default: {d.schedule}, to 0 at the last epoch)")
+    g.add_argument("--init", choices=("hosvd", "random"), default=None,
+                   help="factorized layers: decompose the dense initialisation (hosvd) or draw them afresh "
+                        f"(random) (default: {d.init})")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    g.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    g.add_argument("--threads", type=_nonneg_int("--threads"), default=1,
+    g.add_argument("--seed", type=int, default=None, help=f"random seed (default: {d.seed})")
+    g.add_argument("--device", default=None, help=f"cpu, cuda or cuda:N (default: {d.device})")
+    g.add_argument("--threads", type=_int_at_least("--threads", 0), default=1,
                    help="CPU threads for torch (default: 1; 0 = torch's default). These nets are small: on a "
-                        "shared 2-core machine one thread measured 2-6x faster than two")
-    g.add_argument("--rank-every", type=_positive_int("--rank-every"), default=10,
-                   help="record the ranks every N steps for ranks.json / ranks.png (default: 10)")
+                        "shared 2-core machine one thread measured 2-6x faster than two. Results are "
+                        "bit-identical for a given seed and thread count")
+    g.add_argument("--rank-every", type=_int_at_least("--rank-every", 1), default=None,
+                   help=f"record the ranks every N steps for ranks.json / ranks.png (default: {d.rank_every})")
     g.add_argument("--quick", action="store_true", help="small preset: fewer images and epochs")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (the bar is drawn on a terminal only; one line per epoch either way)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,10 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tucker-format layers trained with the rank-adaptive TDLRT integrator, and baselines.",
         epilog="examples:\n"
                "  tucker-manifold compare --quick                  # TDLRT vs baselines at equal compression\n"
-               "  tucker-manifold train --method tdlrt --tau 0.15 --out runs/tdlrt\n"
+               "  tucker-manifold train --method tdlrt --tau 0.1 --out runs/tdlrt\n"
                "  tucker-manifold train --out runs/tdlrt --epochs 5 --resume\n"
                "  tucker-manifold check all --quick                # numerical checks of Thms 3.1-3.3\n"
-               "  tucker-manifold bench step_time                  # benchmarks/step_time.py\n"
+               "  tucker-manifold bench step_time                  # training-step timings\n"
                "run 'tucker-manifold COMMAND --help' for the options of a command",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -159,32 +168,37 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=lambda **kw: argparse.ArgumentParser(allow_abbrev=False, **kw))
 
     p = sub.add_parser("train", help="train one model with one method",
-                       description="Train one model with one method; writes metrics.json, history.csv, "
-                                   "checkpoint.pt, ranks.json and ranks.png to --out.")
-    p.add_argument("--method", choices=METHODS, default="tdlrt", help="training method (default: tdlrt)")
-    p.add_argument("--tau", type=_tau, default=DEFAULT_TAU,
-                   help=f"TDLRT relative truncation tolerance (default: {DEFAULT_TAU})")
+                       description=f"Train one model with one method; writes metrics.json, history.csv, "
+                                   f"{CHECKPOINT_NAME}, ranks.json and ranks.png to --out.")
+    p.add_argument("--method", choices=method_names(), default=None, help=f"training method (default: {DEFAULTS.method})")
+    p.add_argument("--tau", type=_tau, default=None,
+                   help=f"TDLRT relative truncation tolerance (default: {DEFAULTS.tau})")
     r = p.add_mutually_exclusive_group()
-    r.add_argument("--rank", type=_positive_int("--rank"), default=None,
+    r.add_argument("--rank", type=_int_at_least("--rank", 1), default=None,
                    help="channel rank of every factorized conv (TDLRT: initial rank)")
-    r.add_argument("--rank-fraction", type=_float("--rank-fraction", lo=0.0, hi=1.0, lo_open=True), default=None,
+    r.add_argument("--rank-fraction", type=_fraction, default=None,
                    help="channel ranks as a fraction of the channels (default: 0.5 for tdlrt, 0.25 for fixed-rank methods)")
     _add_common(p)
     p.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt to --epochs total")
+    p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME} to --epochs total")
     p.set_defaults(func=cmd_train)
 
+    cp = PRESETS["compare"]
     p = sub.add_parser("compare", help="TDLRT vs baselines at equal conv compression",
                        description="Runs TDLRT for every tau and seed, then each baseline with ranks matched to "
                                    "TDLRT's final conv parameter count; writes results.csv, results.md and "
                                    "accuracy_vs_compression.png to --out and prints the table.")
     p.add_argument("--methods", type=_method_list, default=list(DEFAULT_COMPARE_METHODS),
                    help=f"comma-separated methods (default: {','.join(DEFAULT_COMPARE_METHODS)}; "
-                        f"valid: {','.join(METHODS)})")
-    p.add_argument("--tau", type=_tau_list, nargs="+", default=None,
-                   help="TDLRT tolerances, comma- or space-separated (default: preset)")
-    p.add_argument("--seeds", type=_positive_int("--seeds"), default=None, help="seeds per setting (default: preset)")
-    p.add_argument("--rank-fraction", type=_float("--rank-fraction", lo=0.0, hi=1.0, lo_open=True), default=None,
+                        f"valid: {','.join(method_names())})")
+    p.add_argument("--tau", dest="taus", type=_tau_list, nargs="+", default=None,
+                   help="TDLRT tolerances, comma- or space-separated (default: "
+                        f"{','.join(f'{t:g}' for t in cp['default']['taus'])}; "
+                        f"--quick: {','.join(f'{t:g}' for t in cp['quick']['taus'])})")
+    p.add_argument("--seeds", type=_int_at_least("--seeds", 1), default=None,
+                   help=f"seeds per setting, from --seed on (default: {cp['default']['seeds']}; "
+                        f"--quick: {cp['quick']['seeds']})")
+    p.add_argument("--rank-fraction", type=_fraction, default=None,
                    help="TDLRT's initial channel rank fraction (default: 0.5); without tdlrt in --methods, "
                         "the baselines' fixed fraction (default: 0.25)")
     _add_common(p)
@@ -193,18 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="numerical checks of the theorems (proofs_checks)",
                        description="Run proofs_checks.<NAME>.main(argv) with the arguments after NAME "
-                                   "(e.g. --quick, --out DIR; 'tucker-manifold check NAME --help' shows the "
-                                   "check's own options). 'all' runs every check (--out DIR gets one "
-                                   "subfolder per check) and fails if any fails.")
-    p.add_argument("name", help=f"one of {', '.join(CHECKS)}, or 'all'")
+                                   "(e.g. --quick, --out DIR; each check writes to ./runs/checks/NAME unless "
+                                   "--out is given; 'tucker-manifold check NAME --help' shows its options). "
+                                   "'all' runs every check (--out DIR gets one subfolder per check) and fails "
+                                   "if any fails.")
+    p.add_argument("name", help=f"one of {', '.join(_checks())}, or 'all'")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the check")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("bench", help="run a benchmark (tucker_manifold.benchmarks)",
                        description="Run the benchmark NAME (tucker_manifold.benchmarks.NAME.main) with the "
                                    "arguments after NAME; outputs go to ./runs/bench/NAME unless --out DIR.")
-    p.add_argument("name", nargs="?", default=None, help="benchmark name (omit to list them)")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the script (e.g. --help)")
+    p.add_argument("name", nargs="?", default=None, help=f"one of {', '.join(BENCHMARKS)} (omit to list them)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark (e.g. --help)")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -217,120 +232,95 @@ def _check_out(out: str) -> Path:
     return path
 
 
-def _validate_names(args) -> None:
-    """Normalize ``args.model`` / ``args.data`` (case, ``_`` for ``-``) and check them."""
-    args.model = model = args.model.strip().lower().replace("_", "-")
-    args.data = data = {"cifar-10": "cifar10", "mnist_idx": "mnist-idx"}.get(args.data.strip().lower(),
-                                                                           args.data.strip().lower())
-    if model not in _known_models():
-        raise CLIError(f"unknown model {model!r}; valid models: {', '.join(_known_models())}")
-    if data not in _known_datasets():
-        raise CLIError(f"unknown dataset {data!r}; valid datasets: {', '.join(_known_datasets())}")
-    if data in ("mnist-idx", "cifar10") and args.data_root is None:
-        what = "the MNIST IDX files" if data == "mnist-idx" else "the CIFAR-10 python batches"
-        raise CLIError(f"--data {data} reads files from disk: pass --data-root DIR (the folder with {what})")
+def _normalize_names(args) -> None:
+    """Normalize ``--model`` / ``--data`` (case, ``_`` for ``-``) and check them (when given)."""
+    if args.model is not None:
+        args.model = args.model.strip().lower().replace("_", "-")
+        if args.model not in MODEL_NAMES:
+            raise CLIError(f"unknown model {args.model!r}; valid models: {', '.join(MODEL_NAMES)}")
+    if args.data is not None:
+        data = args.data.strip().lower()
+        args.data = {"cifar-10": "cifar10", "mnist_idx": "mnist-idx"}.get(data, data)
+        if args.data not in DATASET_NAMES:
+            raise CLIError(f"unknown dataset {args.data!r}; valid datasets: {', '.join(DATASET_NAMES)}")
+        if args.data in ("mnist-idx", "cifar10") and args.data_root is None:
+            what = "the MNIST IDX files" if args.data == "mnist-idx" else "the CIFAR-10 python batches"
+            raise CLIError(f"--data {args.data} reads files from disk: pass --data-root DIR (the folder with {what})")
+    if args.device is not None:
+        try:
+            resolve_device(args.device)
+        except ValueError as e:
+            raise CLIError(f"--device: {e}") from None
 
 
-def _names_from(module: str, attrs: Sequence[str], fallback: Sequence[str]) -> tuple[str, ...]:
-    """Names registered in a colleague module (dict or sequence attribute), else the documented ones."""
+def _given(args) -> dict:
+    """The TrainConfig fields set on the command line."""
+    return {k: v for k, v in vars(args).items() if k in _CONFIG_FIELDS and v is not None}
+
+
+def _config(args, preset: dict, **fixed) -> TrainConfig:
+    """Defaults, then the preset, then the options given, then ``fixed``."""
+    values = {"epochs": preset["epochs"], "subset": preset["subset"], **_given(args), **fixed}
+    if args.full:
+        values["subset"] = None
+    return TrainConfig.from_dict({**DEFAULTS.to_dict(), **values})
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _read_resume(out: Path, epochs: int) -> Checkpoint:
+    path = out / CHECKPOINT_NAME
+    if not path.is_file():
+        old = " (checkpoint.pt there is a pickle of an older version: it is not loaded, for safety)" \
+            if (out / "checkpoint.pt").is_file() else " (run without --resume first)"
+        raise CLIError(f"--resume: no checkpoint at {path}{old}")
     try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return tuple(fallback)
-    for a in attrs:
-        v = getattr(mod, a, None)
-        if callable(v) and not isinstance(v, type):
-            try:
-                v = v()
-            except Exception:
-                continue
-        if isinstance(v, dict) and v:
-            return tuple(v)
-        if isinstance(v, (list, tuple, set, frozenset)) and v and all(isinstance(x, str) for x in v):
-            return tuple(v)
-    return tuple(fallback)
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        raise CLIError(f"--resume: {e}") from None
+    if ckpt.epoch >= epochs:
+        raise CLIError(f"--resume: the run in {out} already has {ckpt.epoch} epoch(s); pass --epochs > {ckpt.epoch} "
+                       "to train further")
+    return ckpt
 
 
-def _known_models() -> tuple[str, ...]:
-    return _names_from("tucker_manifold.models", ("MODELS", "MODEL_NAMES", "available_models"), MODELS)
-
-
-def _known_datasets() -> tuple[str, ...]:
-    return _names_from("tucker_manifold.data", ("DATASETS", "DATASET_NAMES", "available_datasets"), DATASETS)
+def _check_resume_matches(ckpt: Checkpoint, args) -> None:
+    """--resume takes the run's settings from the checkpoint; an option given on the command line that
+    contradicts them is an error rather than silently ignored."""
+    given = _given(args)
+    if args.quick or args.full:
+        given.setdefault("subset", _config(args, _preset("train", args)).subset)
+    if "rank" in given or "rank_fraction" in given:
+        given.setdefault("rank", None)
+        given.setdefault("rank_fraction", None)
+    saved = ckpt.config
+    conflicts = [f"{_flag(k)} {v} (the run has {saved[k]})" for k, v in sorted(given.items())
+                 if k not in _RESUME_FREE and k in saved and v != saved[k]]
+    if conflicts:
+        raise CLIError("--resume continues the run saved in --out with its own settings; these options "
+                       "contradict it: " + "; ".join(conflicts) + ". Drop them or use a new --out.")
 
 
 def _preset(cmd: str, args) -> dict:
     return dict(PRESETS[cmd]["quick" if args.quick else "default"])
 
 
-def _base_config(args, preset: dict, method: str, tau: float):
-    from .training import TrainConfig
-
-    subset = None if args.full else (args.subset if args.subset is not None else preset["subset"])
-    return TrainConfig(
-        model=args.model, data=args.data, method=method, tau=tau,
-        rank=getattr(args, "rank", None), rank_fraction=args.rank_fraction,
-        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, init=args.init,
-        epochs=args.epochs if args.epochs is not None else preset["epochs"], batch_size=args.batch_size,
-        seed=args.seed, device=args.device, subset=subset, data_root=args.data_root, image_size=args.image_size,
-        schedule=args.schedule, rank_every=args.rank_every,
-    )
-
-
-def _check_device(device: str) -> None:
-    from .training import resolve_device
-
-    try:
-        resolve_device(device)
-    except ValueError as e:
-        raise CLIError(f"--device: {e}") from None
-
-
 # ------------------------------------------------------------------------------------ commands
-# Options that may change on --resume (everything else comes from the checkpoint's config).
-_RESUME_FREE = {"epochs", "device", "threads", "no_progress", "out", "resume", "quick", "full", "func", "command",
-                "rank_every"}
-
-
-def _check_resume_matches(ckpt: Path, cfg, args) -> None:
-    """--resume takes the run's settings from the checkpoint; an option given on the command line that
-    contradicts them is an error rather than silently ignored."""
-    import torch
-
-    try:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)["config"]
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a user-facing error
-        raise CLIError(f"--resume: cannot read {ckpt}: {e}") from None
-    given = getattr(args, "_explicit", set())
-    if args.quick or args.full:
-        given = given | {"subset"}
-    if "rank" in given or "rank_fraction" in given:
-        given = given | {"rank", "rank_fraction"}
-    conflicts = []
-    for dest in sorted(given - _RESUME_FREE):
-        if dest in saved and getattr(cfg, dest, None) != saved[dest]:
-            conflicts.append(f"--{dest.replace('_', '-')} {getattr(cfg, dest)} (the run has {saved[dest]})")
-    if conflicts:
-        raise CLIError("--resume continues the run saved in --out with its own settings; these options "
-                       "contradict it: " + "; ".join(conflicts) + ". Drop them or use a new --out.")
-
-
 def cmd_train(args) -> int:
-    from .training import run_experiment
-
     out = _check_out(args.out)
-    _validate_names(args)
-    _check_device(args.device)
-    cfg = _base_config(args, _preset("train", args), args.method, args.tau)
-    if args.resume and not (out / "checkpoint.pt").is_file():
-        raise CLIError(f"--resume: no checkpoint at {out / 'checkpoint.pt'} (run without --resume first)")
+    _normalize_names(args)
+    cfg = _config(args, _preset("train", args))
+    ckpt = None
     if args.resume:
-        _check_resume_matches(out / "checkpoint.pt", cfg, args)
-    if not args.resume and (out / "checkpoint.pt").is_file():
+        ckpt = _read_resume(out, cfg.epochs)
+        _check_resume_matches(ckpt, args)
+    elif (out / CHECKPOINT_NAME).is_file():
         print(f"note: overwriting the run in {out} (use --resume to continue it)", file=sys.stderr)
     t0 = time.perf_counter()
-    m = run_experiment(cfg, out, resume=args.resume, progress=not args.no_progress)
-    m.pop("model_object", None)
+    m = run_experiment(cfg, out, resume=ckpt if ckpt is not None else False,
+                       progress=False if args.no_progress else None).metrics
     ranks = m["ranks"]
     mean_rank = (sum(sum(r[:2]) / len(r[:2]) for r in ranks.values()) / len(ranks)) if ranks else None
     print(
@@ -343,24 +333,25 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .training import compare_methods
-
     out = _check_out(args.out)
-    _validate_names(args)
-    _check_device(args.device)
+    _normalize_names(args)
     preset = _preset("compare", args)
-    taus = [t for chunk in args.tau for t in chunk] if args.tau else preset["tau"]
+    taus = [t for chunk in args.taus for t in chunk] if args.taus else list(preset["taus"])
     if not taus:
         raise CLIError("--tau: give at least one value")
     seeds = args.seeds if args.seeds is not None else preset["seeds"]
-    base = _base_config(args, preset, "tdlrt", taus[0])
-    base.rank = None
+    base = _config(args, preset, method="tdlrt", tau=taus[0], rank=None)
     t0 = time.perf_counter()
-    compare_methods(base, methods=args.methods, taus=taus, seeds=list(range(args.seed, args.seed + seeds)),
-                    out=out, progress=not args.no_progress)
+    rows = compare_methods(base, methods=args.methods, taus=taus, seeds=list(range(base.seed, base.seed + seeds)),
+                           out=out, progress=False if args.no_progress else None)
+    print(markdown_table(summarize(rows), base))
     print(f"\n{time.perf_counter() - t0:.0f} s in all; wrote {out}/results.csv, results.md, "
           f"accuracy_vs_compression.png")
     return 0
+
+
+def _exit_code(rc) -> int:
+    return 0 if rc is None else (rc if isinstance(rc, int) else 1)
 
 
 def _run_check(name: str, argv: list[str]) -> int:
@@ -369,50 +360,36 @@ def _run_check(name: str, argv: list[str]) -> int:
     except ModuleNotFoundError as e:
         if e.name in ("proofs_checks", f"proofs_checks.{name}"):
             raise CLIError(f"check {name!r} not found (proofs_checks.{name}); valid checks: "
-                           f"{', '.join(_known_checks())}, all") from None
+                           f"{', '.join(_checks())}, all") from None
         raise
-    main = getattr(mod, "main", None)
-    if not callable(main):
+    main_fn = getattr(mod, "main", None)
+    if not callable(main_fn):
         raise CLIError(f"proofs_checks.{name} has no main(argv) function")
     try:
-        rc = main(argv)
+        return _exit_code(main_fn(argv))
     except SystemExit as e:  # a check that calls sys.exit / argparse errors
-        rc = e.code
-    if rc is None:
-        return 0
-    return rc if isinstance(rc, int) else 1
-
-
-def _known_checks() -> tuple[str, ...]:
-    return _names_from("proofs_checks", ("CHECKS",), CHECKS)
+        return _exit_code(e.code)
 
 
 def cmd_check(args, extra: list[str]) -> int:
-    # A name outside the list still runs if proofs_checks.<name> exists (checks added later).
-    names = list(_known_checks()) if args.name == "all" else [args.name]
     rest = list(args.args) + list(extra)
-    if len(names) > 1:
-        # one output folder per check: rewrite --out DIR into DIR/<name>
-        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-        pre.add_argument("--out", default=None)
-        known, rest = pre.parse_known_args(rest)
+    if args.name != "all":  # a name outside CHECKS still runs if proofs_checks.<name> exists
+        return _run_check(args.name, rest)
+    # one output folder per check: --out DIR becomes DIR/<name>
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--out", default=None)
+    known, rest = pre.parse_known_args(rest)
     worst = 0
-    for name in names:
-        argv = list(rest)
-        if len(names) > 1 and known.out is not None:
-            argv += ["--out", str(Path(known.out) / name)]
-        if len(names) > 1:
-            print(f"== check {name}", flush=True)
+    for name in _checks():
+        argv = rest + (["--out", str(Path(known.out) / name)] if known.out is not None else [])
+        print(f"== check {name}", flush=True)
         rc = _run_check(name, argv)
-        if len(names) > 1:
-            print(f"== check {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'}", flush=True)
+        print(f"== check {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'}", flush=True)
         worst = worst or rc
     return worst
 
 
 def cmd_bench(args, extra: list[str]) -> int:
-    from .benchmarks import BENCHMARKS
-
     if args.name is None:
         print("benchmarks (tucker-manifold bench NAME [--help]):")
         for name, what in BENCHMARKS.items():
@@ -423,26 +400,12 @@ def cmd_bench(args, extra: list[str]) -> int:
         raise CLIError(f"unknown benchmark {args.name!r}; available: {', '.join(BENCHMARKS)}")
     main_fn = importlib.import_module(f"tucker_manifold.benchmarks.{name}").main
     try:
-        rc = main_fn([*args.args, *extra])
+        return _exit_code(main_fn([*args.args, *extra]))
     except SystemExit as e:  # argparse --help / errors inside the benchmark
-        rc = e.code
-    return 0 if rc is None else (rc if isinstance(rc, int) else 1)
+        return _exit_code(e.code)
 
 
 # ------------------------------------------------------------------------------------ entry point
-def _explicit_dests(parser: argparse.ArgumentParser, command: str, argv: Sequence[str]) -> set[str]:
-    """The ``dest`` of every option spelled out in ``argv`` for ``command`` (abbreviations are off)."""
-    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    actions = subs.choices[command]._option_string_actions
-    out = set()
-    for tok in argv:
-        if tok.startswith("--"):
-            a = actions.get(tok.split("=", 1)[0])
-            if a is not None:
-                out.add(a.dest)
-    return out
-
-
 def _error(msg: str) -> int:
     print(f"{PROG}: error: {msg}", file=sys.stderr)
     return 2
@@ -453,7 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        # check / bench pass unknown options on to the script they run.
+        # check / bench pass unknown options on to what they run.
         args, extra = parser.parse_known_args(argv)
         if extra and args.command not in ("check", "bench"):
             parser.parse_args(argv)  # reports the unknown arguments the usual way
@@ -462,10 +425,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    args._explicit = _explicit_dests(parser, args.command, argv)
     debug = os.environ.get("TUCKER_MANIFOLD_DEBUG", "") not in ("", "0")
     threads = getattr(args, "threads", None)
     old_threads = None
+    # the library logs (one line per epoch, one per run); the command shows them on stdout
+    log = logging.getLogger("tucker_manifold")
+    handler, old_level = logging.StreamHandler(sys.stdout), log.level
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     try:
         if threads:
             import torch
@@ -496,6 +464,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
         if old_threads is not None:  # main() may run in-process (tests, notebooks): leave no trace
             import torch
 

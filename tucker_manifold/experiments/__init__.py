@@ -38,7 +38,7 @@ from .config import (
     TrainConfig,
     resolve_device,
 )
-from .loop import evaluate, show_progress, train
+from .loop import evaluate, frozen_bn_stats, show_progress, train
 from .methods import (
     DEFAULT_FIXED_RANK_FRACTION,
     DEFAULT_TDLRT_RANK_FRACTION,
@@ -69,7 +69,7 @@ __all__ = [
     "resolve_device",
     "BuildOptions", "Method", "register_method", "get_method", "method_names", "build_method", "sgd",
     "match_rank_fraction", "match_layer_budgets", "DEFAULT_TDLRT_RANK_FRACTION", "DEFAULT_FIXED_RANK_FRACTION",
-    "train", "evaluate", "show_progress",
+    "train", "evaluate", "show_progress", "frozen_bn_stats",
     "CHECKPOINT_NAME", "Checkpoint", "CheckpointError", "save_checkpoint", "read_checkpoint", "load_checkpoint",
     "layer_ranks", "conv_parameter_counts", "compression", "tucker_conv_count", "match_tucker_rank_fraction",
     "match_budget_ranks",

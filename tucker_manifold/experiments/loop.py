@@ -23,7 +23,7 @@ from torch import nn
 
 from .accounting import compression, layer_ranks, rank_summary
 
-__all__ = ["train", "evaluate", "show_progress"]
+__all__ = ["train", "evaluate", "show_progress", "frozen_bn_stats"]
 
 logger = logging.getLogger("tucker_manifold.experiments")
 
@@ -49,7 +49,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     return loss_sum / total, correct / total
 
 
-class _frozen_bn_stats:
+class frozen_bn_stats:
     """Context manager: BatchNorm layers in training mode normalize with the batch statistics, and their
     running statistics are put back exactly as they were afterwards."""
 
@@ -154,7 +154,7 @@ def train(
             def closure():
                 optimizer.zero_grad(set_to_none=True)
                 # a second evaluation in the same step (TDLRT's pass 2) leaves BatchNorm's statistics alone
-                with _frozen_bn_stats(bn_layers if first else ()):
+                with frozen_bn_stats(bn_layers if first else ()):
                     out = model(x)
                     loss = loss_fn(out, y)
                     loss.backward()  # before the restore: autograd saved the statistics' versions
