@@ -21,7 +21,6 @@ step also for TDLRT (whose closure runs twice). Library code reports through the
 ``tucker_manifold.experiments`` logger, never print.
 """
 from .accounting import (
-    compression,
     conv_parameter_counts,
     layer_ranks,
     match_budget_ranks,
@@ -71,7 +70,7 @@ __all__ = [
     "match_rank_fraction", "match_layer_budgets", "DEFAULT_TDLRT_RANK_FRACTION", "DEFAULT_FIXED_RANK_FRACTION",
     "train", "evaluate", "show_progress", "frozen_bn_stats",
     "CHECKPOINT_NAME", "Checkpoint", "CheckpointError", "save_checkpoint", "read_checkpoint", "load_checkpoint",
-    "layer_ranks", "conv_parameter_counts", "compression", "tucker_conv_count", "match_tucker_rank_fraction",
+    "layer_ranks", "conv_parameter_counts", "tucker_conv_count", "match_tucker_rank_fraction",
     "match_budget_ranks",
     "final_metrics", "summarize", "markdown_table", "write_results", "plot_ranks", "plot_accuracy_vs_compression",
     "RunResult", "seed_everything", "load_data", "build_dense", "setup_run", "run_experiment", "compare_methods",

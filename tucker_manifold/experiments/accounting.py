@@ -9,43 +9,23 @@ from typing import Sequence
 from torch import nn
 
 from ..nn import is_conv_layer, is_factorized_layer
-from ..nn.baselines import CPConv2d, CPLinear, MatrixConv2d, MatrixLinear, rank_for_parameter_budget
-from ..nn.layers import TuckerLayer, valid_multilinear_ranks
-from ..nn.tuckerize import compression_rate
+from ..nn.baselines import rank_for_parameter_budget
+from ..nn.layers import valid_multilinear_ranks
 
 __all__ = [
     "layer_ranks",
     "conv_parameter_counts",
-    "compression",
     "rank_summary",
     "tucker_conv_count",
     "match_tucker_rank_fraction",
     "match_budget_ranks",
 ]
 
-# TRANSITION (issue 9): the layers are moving onto nn.base.FactorizedLayer; until every one of them
-# subclasses it, the known layer classes are listed here. Then: is_factorized_layer / is_conv_layer only.
-_LAYERS = (TuckerLayer, CPConv2d, MatrixConv2d, CPLinear, MatrixLinear)
-_CONVS = (CPConv2d, MatrixConv2d)
-
-
-def _is_factorized(m: nn.Module) -> bool:
-    return is_factorized_layer(m) or isinstance(m, _LAYERS)
-
-
-def _is_conv(m: nn.Module) -> bool:
-    return is_conv_layer(m) or isinstance(m, _CONVS) or (isinstance(m, TuckerLayer) and len(m.shape) == 4)
-
-
-def _ranks_of(m: nn.Module) -> list[int]:
-    r = getattr(m, "ranks", None)
-    return [int(v) for v in r] if r is not None else [int(m.rank)]
-
 
 def layer_ranks(model: nn.Module) -> dict[str, list[int]]:
     """``{qualified name: ranks}`` of every factorized layer: Tucker ranks (one per mode), the single
     rank of CP / matrix layers. Empty for a dense model."""
-    return {name: _ranks_of(m) for name, m in model.named_modules() if _is_factorized(m)}
+    return {name: [int(r) for r in m.ranks] for name, m in model.named_modules() if is_factorized_layer(m)}
 
 
 def conv_parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -54,13 +34,8 @@ def conv_parameter_counts(model: nn.Module) -> dict[str, int]:
     return {
         name: sum(p.numel() for n, p in m.named_parameters() if n != "bias")
         for name, m in model.named_modules()
-        if _is_conv(m)
+        if is_conv_layer(m)
     }
-
-
-def compression(model: nn.Module) -> dict[str, float]:
-    """:func:`tucker_manifold.nn.compression_rate` of ``model`` (``conv``, ``total`` and the counts)."""
-    return compression_rate(model)
 
 
 def rank_summary(ranks: dict[str, list[int]], first: int = 3) -> str:

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .accounting import compression, layer_ranks, rank_summary
+from ..nn import compression_rate
+from .accounting import layer_ranks, rank_summary
 
 __all__ = ["train", "evaluate", "show_progress", "frozen_bn_stats"]
 
@@ -177,7 +178,7 @@ def train(
             if bar is not None and (i % 10 == 0 or (n_batches and i == n_batches - 1)):
                 bar.set_postfix_str(
                     f"loss={loss_sum / max(total, 1):.3f} acc={correct / max(total, 1):.3f} "
-                    f"cr={compression(model)['conv']:.1%} r={rank_summary(layer_ranks(model))}", refresh=False)
+                    f"cr={compression_rate(model)['conv']:.1%} r={rank_summary(layer_ranks(model))}", refresh=False)
         if bar is not None:
             bar.close()
         if device.type == "cuda":
@@ -189,7 +190,7 @@ def train(
         t1 = time.perf_counter()
         test_loss, test_acc = evaluate(model, test_loader, device) if test_loader is not None else (float("nan"),) * 2
         eval_time = time.perf_counter() - t1
-        comp = compression(model)
+        comp = compression_rate(model)
         ranks_now = layer_ranks(model)
         row = dict(
             epoch=epoch,

@@ -218,10 +218,8 @@ def _factorized(model: nn.Module, o: BuildOptions, kind: str) -> nn.Module:
         kw = o.rank_kwargs(DEFAULT_FIXED_RANK_FRACTION)
         return factorize_model(model, kind, rank=kw.get("ranks"), rank_fraction=kw.get("rank_fraction"),
                                include_linear=o.linear, init=init)
-    for name, r in o.layer_ranks.items():
-        # every other module excluded: each named layer gets its own rank in its own call
-        others = [n for n, _ in model.named_modules() if n not in (name, "")]
-        model = factorize_model(model, kind, rank=int(r), include_linear=o.linear, exclude=others, init=init)
+    for name, r in o.layer_ranks.items():  # each named layer gets its own rank
+        model = factorize_model(model, kind, rank=int(r), include_linear=o.linear, include=[name], init=init)
     return model
 
 

@@ -11,8 +11,9 @@ from typing import Optional
 
 from torch import nn
 
+from ..nn import compression_rate
 from ..outputs import new_figure, save_figure, write_csv
-from .accounting import compression, conv_parameter_counts, layer_ranks
+from .accounting import conv_parameter_counts, layer_ranks
 from .config import TrainConfig
 from .methods import get_method, method_names
 
@@ -40,7 +41,7 @@ def final_metrics(history: list[dict], cfg: TrainConfig, model: nn.Module, extra
     """The summary of a finished run (what metrics.json holds)."""
     last = history[-1]
     times = [r["epoch_time_s"] for r in history]
-    comp = compression(model)
+    comp = compression_rate(model)
     return {
         "test_acc": last["test_acc"],
         "test_loss": last["test_loss"],
