@@ -13,7 +13,6 @@ Writes forward_choice.json into --out (default ./runs/bench/forward_choice).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ import time
 import torch
 
 from tucker_manifold.nn import TuckerConv2d
-from tucker_manifold.outputs import output_dir, runs_dir
+from tucker_manifold.outputs import output_dir, runs_dir, write_json
 
 # (C_in, C_out, spatial, batch, rank fraction of the channels)
 CONFIGS = [
@@ -75,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'yes' if r['right'] else 'NO'} |")
     n_right = sum(r["right"] for r in rows)
     print(f"auto choice right (faster or within 10%) in {n_right}/{len(rows)} configurations")
-    path = output_dir(args.out) / "forward_choice.json"
-    path.write_text(json.dumps(rows, indent=2))
-    print(f"wrote {path}")
+    print("wrote", write_json(output_dir(args.out) / "forward_choice.json", rows))
     return 0
 
 

@@ -22,7 +22,6 @@ Prints a table (ms, ratio dense/ours) and writes geometry.json into --out (defau
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from tucker_manifold import FixedRankTucker
-from tucker_manifold.outputs import output_dir, runs_dir
+from tucker_manifold.outputs import output_dir, runs_dir, write_json
 from tucker_manifold.tucker import truncated_hosvd
 
 CASES = [((64, 64, 3, 3), (8, 8, 3, 3)), ((256, 256, 3, 3), (32, 32, 3, 3))]
@@ -158,9 +157,7 @@ def main(argv=None) -> int:
         "processor": platform.processor(),
         "results": results,
     }
-    path = output_dir(args.out) / "geometry.json"
-    path.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {path}")
+    print("wrote", write_json(output_dir(args.out) / "geometry.json", payload))
     return 0
 
 

@@ -16,7 +16,6 @@ Prints a table of ms/step and ratios (to vanilla and to dense) and writes step_t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tucker_manifold.outputs import output_dir, runs_dir
+from tucker_manifold.outputs import output_dir, runs_dir, write_json
 
 METHODS = ["dense", "vanilla", "riemannian", "tdlrt"]
 # The child process measuring memory imports this very copy of the package (source checkout or wheel).
@@ -173,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         print(f"| {r['net']} | {r['rank_fraction']:.2f} | {r['method']} | {r['ms_per_step']:.1f} | "
               f"{r['vs_vanilla']:.2f} | {r['vs_dense']:.2f} | {mem} |")
-    path = output_dir(args.out) / "step_time.json"
-    path.write_text(json.dumps(rows, indent=2))
-    print(f"wrote {path}")
+    print("wrote", write_json(output_dir(args.out) / "step_time.json", rows))
     return 0
 
 

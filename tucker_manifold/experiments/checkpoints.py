@@ -278,16 +278,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     )
 
 
-def load_checkpoint(
-    path: str | os.PathLike,
-    model: nn.Module,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    *,
-    scheduler: Any = None,
-    loader: Any = None,
-    restore_rng: bool = True,
-) -> dict:
-    """:func:`read_checkpoint` then :meth:`Checkpoint.restore`; returns ``{"epoch", "history",
-    "config", "extra"}``."""
-    return read_checkpoint(path).restore(model, optimizer, scheduler=scheduler, loader=loader,
-                                         restore_rng=restore_rng)
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    **restore: Any) -> dict:
+    """:func:`read_checkpoint` then :meth:`Checkpoint.restore` (``scheduler``, ``loader``, ``restore_rng``
+    are passed on); returns ``{"epoch", "history", "config", "extra"}``."""
+    return read_checkpoint(path).restore(model, optimizer, **restore)
