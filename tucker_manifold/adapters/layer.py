@@ -18,7 +18,9 @@
 
 TDLRT-style optimizers replace ``dw``'s point (and ranks) through ``parameter.set_point``; every forward reads
 the ranks from ``dw.manifold``. Inside ``parameter.core_grad_only`` the factors are detached (their gradient
-is not used there), which skips their weight-gradient kernels.
+is not used there), which skips their weight-gradient kernels. Each forward reports its input and output to
+``parameter.record_io`` and :meth:`TuckerDelta.tucker_core_gradient` rebuilds the augmented-core gradient from
+them, so the one-pass integrators (:mod:`tucker_manifold.onepass`) need no second pass.
 
 Checkpoints: ``state_dict`` carries the ranks (``tucker_ranks``, int64) next to the packed data, and loading a
 state dict at other ranks first resizes the parameter; so ``torch.save(model.state_dict())`` /
@@ -38,6 +40,7 @@ from ..parameter import (
     TuckerParameter,
     factor_grads_wanted,
     make_tucker_parameter,
+    record_io,
     set_point,
     tucker_manifold,
 )
@@ -177,16 +180,29 @@ class TuckerDelta(nn.Module):
         core, factors = self.core_and_factors()
         if self.kind == "linear":
             u_out, u_in = factors
-            h = F.linear(h, (core * self.scaling) @ u_in.transpose(0, 1))  # (*, r_out)
-            return F.linear(h, u_out)
-        u_out, u_in, u_h, u_w = factors
-        small = multi_mode_dot(core * self.scaling, [None, None, u_h, u_w])  # (r_out, r_in, kh, kw)
-        if self.weight_shape[2:] == (1, 1):
-            h = self._conv(h, torch.tensordot(small, u_in, dims=([1], [1])).movedim(-1, 1))  # (r_out, in, 1, 1)
+            y = F.linear(h, (core * self.scaling) @ u_in.transpose(0, 1))  # (*, r_out)
+            y = F.linear(y, u_out)
         else:
-            h = F.conv2d(h, u_in.transpose(0, 1)[:, :, None, None])
-            h = self._conv(h, small)
-        return F.conv2d(h, u_out[:, :, None, None])
+            u_out, u_in, u_h, u_w = factors
+            small = multi_mode_dot(core * self.scaling, [None, None, u_h, u_w])  # (r_out, r_in, kh, kw)
+            if self.weight_shape[2:] == (1, 1):
+                y = self._conv(h, torch.tensordot(small, u_in, dims=([1], [1])).movedim(-1, 1))  # (r_out, in, 1, 1)
+            else:
+                y = self._conv(F.conv2d(h, u_in.transpose(0, 1)[:, :, None, None]), small)
+            y = F.conv2d(y, u_out[:, :, None, None])
+        # One-pass TDLRT: input and output gradient are recorded (no-op unless a recorder tracks p).
+        return record_io(p, self, h, y)
+
+    def tucker_core_gradient(self, x: torch.Tensor, gy: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``dL/dC`` at the bases ``factors`` from a recorded adapter input ``x`` (after dropout) and output
+        gradient ``gy`` (the one-pass protocol of :mod:`tucker_manifold.onepass`); includes ``scaling``."""
+        from ..onepass import conv2d_core_gradient, linear_core_gradient
+
+        if self.kind == "linear":
+            g = linear_core_gradient(x, gy, factors[0], factors[1])
+        else:
+            g = conv2d_core_gradient(x, gy, factors, self.stride, self.padding, self.dilation, self.padding_mode)
+        return g * self.scaling
 
     def _conv(self, h: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         """``kernel`` applied with the base conv's geometry (as ``nn.Conv2d._conv_forward`` does)."""
