@@ -642,6 +642,23 @@ def test_dense_reconstruction_record_and_unrecorded_use_detection():
     assert core_gradient_mismatch(g, m.unpack(p.grad)[0]) > 1e-3
 
 
+def test_records_in_another_dtype_than_the_bases():
+    """float32 records, float64 bases: computed in float32, returned in float64."""
+    from tucker_manifold.nn import TuckerConv2d
+
+    torch.manual_seed(6)
+    conv = TuckerConv2d(4, 6, 3, ranks=(3, 2, 3, 3), padding=1, dtype=torch.float32)
+    _hook_layers(conv)
+    p = conv.tucker_weight
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float32)
+    with record_layer_io([p]) as rec:
+        conv(x).pow(2).sum().backward()
+    core, factors = p.manifold.unpack(p.data)
+    g = augmented_core_gradient(rec.records(p), [f.double() for f in factors])
+    assert g.dtype == torch.float64
+    assert _rel(g, p.manifold.unpack(p.grad)[0].double()) < 1e-5
+
+
 def test_layer_core_gradient_dispatch():
     from tucker_manifold.nn import TuckerConv2d, TuckerLinear
 
@@ -677,10 +694,11 @@ class SinglePass:
     `onepass.augmented_core_gradient(records, plan.bases)` in place of pass 2.
     """
 
-    def __init__(self, model, loss_fn, x, y):
+    def __init__(self, model, loss_fn, x, y, broken: bool = False):
         self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
         self.tucker = _tucker_params(model)
         self.calls = 0
+        self.broken = broken  # negative control: keep only the all-old block of dL/dC^
 
     def __call__(self):
         self.calls += 1
@@ -706,6 +724,11 @@ class SinglePass:
             core, bases = p.manifold.unpack(p.data)
             g_aug = augmented_core_gradient(self.rec.records(p), bases)
             assert core_gradient_mismatch(g_aug, gc) < 1e-10  # every use was recorded
+            if self.broken:
+                old = tuple(slice(0, r) for r in gc.shape)
+                keep = g_aug[old].clone()
+                g_aug.zero_()
+                g_aug[old] = keep
             p.grad = p.manifold.pack(g_aug, [torch.zeros_like(b) for b in bases])
         self.rec.clear()
         return self.loss
@@ -799,6 +822,26 @@ def test_single_pass_reproduces_two_pass_tdlrt(opts):
         for a, b in zip(_tucker_params(ref), _tucker_params(one)):
             assert _rel(b.manifold.to_dense(b.data), a.manifold.to_dense(a.data)) < 1e-10
     assert rank_changes > 0  # tau > 0 actually moved the ranks
+
+
+def test_single_pass_check_fails_on_a_broken_gradient():
+    """Negative control for the equality test: dropping the new-direction blocks of dL/dC^ (a Galerkin
+    step in the augmented bases with only the old gradient) no longer matches two-pass TDLRT."""
+    from tucker_manifold.optim import TDLRT
+
+    ref = _small_cnn(7)
+    one = copy.deepcopy(ref)
+    _hook_layers(one)
+    opts = dict(method="sgd", momentum=0.9, lr=0.05, tau=0.2)
+    opt_ref, opt_one = TDLRT(ref.parameters(), **opts), TDLRT(one.parameters(), **opts)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
+        opt_ref.step(TwoPass(ref, F.cross_entropy, x, y))
+        opt_one.step(SinglePass(one, F.cross_entropy, x, y, broken=True))
+    worst = max(_rel(b.manifold.to_dense(b.data), a.manifold.to_dense(a.data))
+                for a, b in zip(_tucker_params(ref), _tucker_params(one)))
+    assert worst > 1e-6
 
 
 def test_single_pass_bare_manifold_parameter_through_to_dense():

@@ -281,6 +281,8 @@ def layer_core_gradient(
 def augmented_core_gradient(records: Iterable, factors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     """``dL/dC^`` at the bases ``factors`` summed over the recorded uses of one parameter (objects with
     ``layer``, ``x``, ``gy``, e.g. :class:`tucker_manifold.parameter.LayerIO`); ``None`` if there are none.
+    Each record is computed in its ``gy``'s dtype (e.g. float32 records at float64 bases) and the sum is
+    returned in the bases' dtype.
     Raises if an input was modified in place after it was recorded (the record no longer holds it)."""
     total = None
     for rec in records:
@@ -291,7 +293,9 @@ def augmented_core_gradient(records: Iterable, factors: Sequence[torch.Tensor]) 
             )
         if rec.gy is None:
             continue
-        g = layer_core_gradient(rec.layer, rec.x, rec.gy, factors)
+        # The heavy products run in the layer's dtype, as its forward does; the sum in the bases' dtype.
+        fs = [f.to(rec.gy.dtype) for f in factors]
+        g = layer_core_gradient(rec.layer, rec.x, rec.gy, fs).to(factors[0].dtype)
         total = g if total is None else total + g
     return total
 
