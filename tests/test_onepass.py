@@ -432,6 +432,25 @@ def test_conv2d_core_gradient_matches_autograd(seed, geo, formula):
     assert _rel(got1, ref1) < 1e-12
 
 
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("formula", ["factorized", "dense"])
+def test_conv2d_core_gradient_padding_modes(padding_mode, formula):
+    """Non-zero padding modes (as nn.Conv2d pads them; the adapters pass theirs): they commute with the
+    1x1 projection too."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(1, 1), padding_mode=padding_mode, bias=False)
+    factors = [_orth(n, r) for n, r in zip((6, 4, 3, 2), (3, 3, 2, 2))]
+    core = torch.randn(3, 3, 2, 2, requires_grad=True)
+    x = torch.randn(2, 4, 7, 6)
+    y = conv._conv_forward(x, reconstruct(core, factors), None)
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward()
+    got = conv2d_core_gradient(x, gy, factors, conv.stride, conv.padding, conv.dilation, padding_mode, formula=formula)
+    assert _rel(got, core.grad) < 1e-12
+    assert _rel(conv2d_core_gradient(x, gy, factors, conv.stride, conv.padding, conv.dilation, formula=formula),
+                core.grad) > 1e-3  # zero padding is not the same
+
+
 @pytest.mark.parametrize("formula", ["factorized", "dense"])
 def test_conv2d_core_gradient_fails_on_wrong_geometry(formula):
     torch.manual_seed(0)
