@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_method_list, default=list(DEFAULT_COMPARE_METHODS),
                    help=f"comma-separated methods (default: {','.join(DEFAULT_COMPARE_METHODS)}; "
                         f"valid: {','.join(method_names())})")
-    p.add_argument("--tau", dest="taus", type=_tau_list, nargs="+", default=None,
+    p.add_argument("--tau", dest="taus", metavar="TAU", type=_tau_list, nargs="+", default=None,
                    help="TDLRT tolerances, comma- or space-separated (default: "
                         f"{','.join(f'{t:g}' for t in cp['default']['taus'])}; "
                         f"--quick: {','.join(f'{t:g}' for t in cp['quick']['taus'])})")
