@@ -754,7 +754,8 @@ class SinglePass:
 
 
 class TwoPass:
-    """The reference closure, as training.py's: BatchNorm statistics are updated by pass 1 only."""
+    """The reference closure, as the training loop's (experiments.loop): BatchNorm statistics are updated by
+    pass 1 only (a bare closure would update them twice per two-pass step)."""
 
     def __init__(self, model, loss_fn, x, y):
         from tucker_manifold.experiments.loop import frozen_bn_stats as _frozen_bn_stats
