@@ -408,3 +408,28 @@ def test_training_reduces_loss(method):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_factorize_model_summary_and_shared_modules():
+    model = _Net()
+    _, summary = factorize_model(model, "cp", rank=2, exclude=["block"], return_summary=True)
+    assert summary.converted == {"features.0": "Conv2d -> CPConv2d", "features.3": "Conv2d -> CPConv2d"}
+    assert "groups=8" in summary.skipped["features.2"] and summary.skipped["block.conv"] == "excluded"
+    assert "include_linear=True" in summary.skipped["head"]
+    # a module shared by two parents is converted once and replaced at both places
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    shared = nn.Sequential(conv, nn.ReLU(), conv)
+    factorize_model(shared, "matrix", rank=2)
+    assert isinstance(shared[0], MatrixConv2d) and shared[0] is shared[2]
+
+
+def test_baseline_layers_are_factorized_layers():
+    from tucker_manifold.nn import FactorizedLayer, is_conv_layer
+
+    for layer, conv, ranks in [(CPConv2d(3, 4, 3, 5), True, (5,)), (MatrixConv2d(3, 4, 3, 2), True, (2,)),
+                               (MatrixLinear(6, 4, 3), False, (3,))]:
+        assert isinstance(layer, FactorizedLayer) and is_conv_layer(layer) is conv and layer.ranks == ranks
+        assert layer.compressed_parameter_count() == sum(p.numel() for p in layer.parameters())
+    assert CPLinear is MatrixLinear
+    with pytest.raises(ValueError, match="groups=2 is not supported by CPConv2d"):
+        CPConv2d(4, 4, 3, 2, groups=2)

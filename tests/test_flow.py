@@ -9,10 +9,12 @@ from tucker_manifold import FixedRankTucker
 from tucker_manifold.flow import (
     augment_basis,
     augment_bases,
+    augment_tucker_bases,
     enforce_multilinear_ranks,
     galerkin_gradient,
     k_gradient,
     k_step,
+    lift,
     lift_core,
     reparametrize,
     truncate_core,
@@ -201,6 +203,39 @@ def test_augment_bases_modes_flag(case):
             assert a is u
 
 
+# ---------------------------------------------------------------- augment_tucker_bases (what TDLRT runs)
+def test_augment_tucker_bases(case):
+    m, x, core, factors = point(case)
+    loss, _ = loss_and_grad(torch.randn(m.shape))
+    _, gfactors = factor_grads(core, factors, loss)
+    new = augment_tucker_bases(factors, gfactors)
+    sizes = [u.shape[1] for u in new]
+    assert sizes == enforce_multilinear_ranks(sizes)  # a valid multilinear rank
+    for u, a, n, r in zip(factors, new, m.shape, m.ranks):
+        assert r <= a.shape[1] <= min(n, 2 * r)
+        assert torch.equal(a[:, :r], u)  # U_i kept as the leading columns
+        assert torch.allclose(a.T @ a, torch.eye(a.shape[1]), atol=1e-12)
+        if r == n:
+            assert a is u  # full-rank modes are kept as they are
+    assert all(torch.equal(a, b[:, : a.shape[1]]) for a, b in zip(new, augment_bases(factors, gfactors)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_augment_tucker_bases_trims_new_columns_only(seed):
+    g = torch.Generator().manual_seed(seed)
+    m = FixedRankTucker((9, 2, 2), (4, 2, 2))  # modes 1, 2 full rank: mode 0 may not exceed 2 * 2
+    core, factors = m.unpack(m.random(generator=g))
+    grads = [torch.randn(n, r, generator=g) for n, r in zip(m.shape, m.ranks)]
+    assert augment_bases(factors, grads)[0].shape[1] == 8
+    new = augment_tucker_bases(factors, grads)
+    assert [u.shape[1] for u in new] == [4, 2, 2] and torch.equal(new[0], factors[0])
+    m2 = FixedRankTucker((9, 3, 2), (4, 2, 2))  # now mode 0 can grow to 3 * 2 = 6
+    core, factors = m2.unpack(m2.random(generator=g))
+    grads = [torch.randn(n, r, generator=g) for n, r in zip(m2.shape, m2.ranks)]
+    new = augment_tucker_bases(factors, grads)
+    assert [u.shape[1] for u in new] == [6, 3, 2] and torch.equal(new[0][:, :4], factors[0])
+
+
 # ---------------------------------------------------------------- lift_core
 def test_lift_core_exact(case):
     m, x, core, factors = point(case)
@@ -208,6 +243,10 @@ def test_lift_core_exact(case):
     _, gfactors = factor_grads(core, factors, loss)
     new = augment_bases(factors, gfactors)
     lifted = lift_core(core, factors, new)
+    lifted2, maps = lift(core, factors, new)
+    assert torch.equal(lifted, lifted2)
+    for mp, nu, u in zip(maps, new, factors):
+        assert torch.equal(mp, nu.T @ u)
     assert tuple(lifted.shape) == tuple(u.shape[1] for u in new)
     assert tuple(lifted.shape) == tuple(min(n, 2 * r) for n, r in m_shape_ranks(m))
     assert torch.allclose(reconstruct(lifted, new), m.to_dense(x), atol=1e-12 * max(1.0, fro(core).item()))

@@ -2,6 +2,7 @@
 import copy
 import io
 import math
+import re
 import subprocess
 import sys
 
@@ -458,6 +459,168 @@ def test_tuckerize_shared_module_and_root():
     assert model[0] is model[2] and isinstance(model[0], TuckerConv2d)
     root = tuckerize(nn.Conv2d(4, 6, 3), ranks=2)
     assert isinstance(root, TuckerConv2d)
+
+
+def test_tuckerize_summary_says_what_was_skipped_and_why(caplog):
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.Conv1d(8, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 8, 3, padding_mode="reflect"),
+        nn.Conv2d(8, 4, 1), nn.Linear(4, 4), nn.MultiheadAttention(4, 2), nn.BatchNorm2d(4),
+    ).double()
+    with caplog.at_level("INFO", logger="tucker_manifold.nn.tuckerize"):
+        out, summary = tuckerize(model, ranks=2, exclude=["4"], return_summary=True)
+    assert out is model and isinstance(model[0], TuckerConv2d)
+    assert summary.converted == {"0": "Conv2d -> TuckerConv2d"}
+    assert set(summary.skipped) == {"1", "2", "3", "4", "5", "6.out_proj"}  # no BatchNorm, no container
+    assert "unsupported type Conv1d" in summary.skipped["1"]
+    assert "groups=2" in summary.skipped["2"] and "padding_mode" in summary.skipped["3"]
+    assert summary.skipped["4"] == "excluded"
+    assert "linear=True" in summary.skipped["5"]
+    assert "MultiheadAttention" in summary.skipped["6.out_proj"]
+    assert "converted 1 module(s), skipped 6" in caplog.text and "unsupported type Conv1d" in caplog.text
+    # the default return value is the model alone; an already converted layer is reported as such
+    again, summary = tuckerize(model, ranks=2, linear=True, return_summary=True)
+    assert again is model and "already a factorized layer" in summary.skipped["0"] and "5" in summary.converted
+    assert tuckerize(nn.Sequential(nn.Conv2d(2, 2, 1)), ranks=1).__class__ is nn.Sequential
+
+
+def test_tuckerize_selects_by_regex_and_type_like_factorize_model():
+    import re
+
+    m, summary = tuckerize(_model(), ranks=2, linear=True, include=[re.compile(r"features\.\d")], return_summary=True)
+    assert set(ranks(m)) == {"features.0", "features.2"} and summary.skipped["fc"] == "not selected by include"
+    m = tuckerize(_model(), ranks=2, linear=True, exclude=re.compile(r".*\.2|fc"))
+    assert set(ranks(m)) == {"features.0"}
+    with pytest.raises(ValueError, match="include"):
+        tuckerize(_model(), ranks=2, include=[re.compile("nothing.*")])
+    with pytest.raises(ValueError, match="exclude"):
+        tuckerize(_model(), ranks=2, exclude=[re.compile("nothing.*")])
+    # the baselines' conversion selects modules with the same engine and the same rules
+    f, fsum = tm.nn.factorize_model(
+        _model(), "matrix", rank=2, include_linear=True, include=[re.compile(r"features\.\d")], return_summary=True
+    )
+    assert set(fsum.converted) == set(summary.converted) == {"features.0", "features.2"}
+    assert fsum.skipped.keys() == summary.skipped.keys()
+
+
+def test_subclasses_of_dense_layers_are_not_converted():
+    class MyConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(MyConv(3, 4, 3))
+    _, summary = tuckerize(model, ranks=2, return_summary=True)
+    assert type(model[0]) is MyConv and "subclass" in summary.skipped["0"]
+
+
+def test_load_state_dict_assign_keeps_tucker_parameter():
+    def build(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(TuckerConv2d(3, 8, 3, (4, 3, 3, 3), padding=1, rank_max=6, dtype=DT), nn.Flatten(),
+                             TuckerLinear(8 * 4 * 4, 3, 2, dtype=DT))
+
+    model = build(0)
+    for layer, r in [(model[0], (6, 2, 3, 2)), (model[2], (3, 3))]:
+        m = FixedRankTucker(layer.shape, r)
+        set_point(layer.tucker_weight, *m.unpack(m.random(dtype=DT)))
+    sd = model.state_dict()
+    fresh = build(1)
+    fresh.load_state_dict(sd, assign=True)
+    x = torch.randn(2, 3, 4, 4, dtype=DT)
+    assert torch.equal(fresh(x), model(x))
+    for a, b in zip(tm.nn.tucker_layers(fresh), tm.nn.tucker_layers(model)):
+        p = a[1].tucker_weight
+        assert isinstance(p, tm.parameter.TuckerParameter) and p.manifold.ranks == b[1].ranks
+        assert p.bounds == b[1].tucker_weight.bounds
+        assert p.data_ptr() == sd[a[0] + ".tucker_weight"].data_ptr()  # assigned, not copied
+    assert tm.nn.ranks(fresh) == {"0": (6, 2, 3, 2), "2": (3, 3)}
+    # ... and it still trains with TDLRT
+    opt = tm.optim.TDLRT(fresh.parameters(), lr=0.1, tau=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = fresh(x).pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert fresh.state_dict()["0.tucker_ranks"].tolist() == list(fresh[0].ranks)
+
+
+def test_load_state_dict_with_invalid_ranks_reports_an_error():
+    layer = TuckerConv2d(3, 8, 3, 2, dtype=DT)
+    sd = layer.state_dict()
+    sd["tucker_ranks"] = torch.tensor([8, 1, 1, 1])
+    with pytest.raises(RuntimeError, match="cannot resize"):
+        layer.load_state_dict(sd)
+    sd = layer.state_dict()
+    del sd["tucker_ranks"]
+    other = TuckerConv2d(3, 8, 3, 2, dtype=DT)
+    missing = other.load_state_dict(sd, strict=False).missing_keys
+    assert missing == ["tucker_ranks"] and torch.equal(other.tucker_weight, layer.tucker_weight)
+
+
+def test_deepcopy_and_pickle_of_a_model_after_rank_changes():
+    model = nn.Sequential(TuckerConv2d(3, 6, 3, 2, dtype=DT), nn.Flatten(), TuckerLinear(6 * 2 * 3, 2, 2, dtype=DT))
+    m = FixedRankTucker(model[0].shape, (5, 3, 2, 3))
+    set_point(model[0].tucker_weight, *m.unpack(m.random(dtype=DT)))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    x = torch.randn(2, 3, 4, 5, dtype=DT)
+    for other in [copy.deepcopy(model), torch.load(buf, weights_only=False)]:
+        assert torch.equal(other(x), model(x)) and other[0].ranks == (5, 3, 2, 3)
+        assert other.state_dict()["0.tucker_ranks"].tolist() == [5, 3, 2, 3]
+        fresh = nn.Sequential(TuckerConv2d(3, 6, 3, 2, dtype=DT), nn.Flatten(), TuckerLinear(6 * 2 * 3, 2, 2, dtype=DT))
+        fresh.load_state_dict(other.state_dict())
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_factorized_layer_base_api():
+    conv = nn.Conv2d(4, 6, 3, bias=True).double()
+    lin = nn.Linear(5, 3).double()
+    layers = [
+        TuckerConv2d.from_dense(conv, ranks=2), tm.nn.CPConv2d.from_dense(conv, 3), tm.nn.MatrixConv2d.from_dense(conv, 2),
+        TuckerLinear.from_dense(lin, ranks=2), tm.nn.MatrixLinear.from_dense(lin, 2),
+    ]
+    for layer in layers:
+        assert isinstance(layer, tm.nn.FactorizedLayer)
+        dense = conv if layer.is_conv else lin
+        assert layer.shape == tuple(dense.weight.shape) and layer.weight.shape == dense.weight.shape
+        assert layer.dense_parameter_count() == dense.weight.numel() + dense.bias.numel()
+        assert layer.compressed_parameter_count() == sum(p.numel() for p in layer.parameters())
+        assert tm.nn.is_conv_layer(layer) == layer.is_conv == isinstance(dense, nn.Conv2d)
+        torch.testing.assert_close(layer.bias, dense.bias)
+    assert [lay.ranks for lay in layers] == [(2, 2, 3, 3), (3,), (2,), (2, 2), (2,)]
+    assert tm.nn.is_conv_layer(nn.Conv2d(1, 1, 1)) and not tm.nn.is_conv_layer(nn.Conv1d(1, 1, 1))
+    assert not tm.nn.is_conv_layer(nn.Linear(1, 1))
+
+
+@pytest.mark.parametrize("cls, extra", [(TuckerConv2d, dict(ranks=2)), (tm.nn.CPConv2d, dict(rank=2)), (tm.nn.MatrixConv2d, dict(rank=2))])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(groups=2), "groups=2 is not supported by {cls} (only groups=1)"),
+        (dict(padding="same", stride=2), "padding='same' is not supported for strided convolutions"),
+        (dict(padding=-1), "padding entries must be >= 0"),
+        (dict(stride=0), "stride entries must be >= 1"),
+        (dict(kernel_size=(3, 3, 3)), "kernel_size must be an int or a pair of ints"),
+        (dict(in_channels=0), "in_channels must be a positive int"),
+        (dict(padding_mode="mirror"), "padding_mode must be one of"),
+    ],
+)
+def test_one_conv_argument_parser_for_every_factorized_conv(cls, extra, kwargs, message):
+    args = dict(in_channels=4, out_channels=4, kernel_size=3, **extra)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=re.escape(message.format(cls=cls.__name__))):
+        cls(**args)
+
+
+def test_from_dense_rejects_the_wrong_module_type_the_same_way():
+    for cls, wrong in [(TuckerConv2d, nn.Linear(3, 3)), (tm.nn.CPConv2d, nn.Linear(3, 3)),
+                       (TuckerLinear, nn.Conv2d(3, 3, 1)), (tm.nn.MatrixLinear, nn.Conv2d(3, 3, 1))]:
+        with pytest.raises(ValueError, match=f"module must be an nn.* for {cls.__name__}.from_dense") as e:
+            cls.from_dense(wrong, 1)
+        assert isinstance(e.value, TypeError)
 
 
 # ------------------------------------------------------------------------------------ compression_rate

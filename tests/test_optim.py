@@ -8,7 +8,8 @@ import torch
 
 from tucker_manifold import FixedRankTucker
 from tucker_manifold.optim import TDLRT
-from tucker_manifold.parameter import RankBounds, make_tucker_parameter, set_point
+from tucker_manifold.flow import truncate_core
+from tucker_manifold.parameter import RankBounds, TuckerParameter, factor_grads_wanted, make_tucker_parameter, set_point
 from tucker_manifold.tucker import multi_mode_dot, truncated_hosvd
 
 SEEDS = [0, 1, 2]
@@ -207,6 +208,86 @@ def test_nonfinite_step_is_skipped_bit_identically(bad_pass):
     # Training goes on normally afterwards.
     opt.step(full)
     assert opt.state_dict()["tdlrt"]["skipped_steps"] == 1
+
+
+def test_rollback_on_the_first_step_restores_the_very_manifold_object():
+    p, a = make_problem(3)
+    m0, x0 = p.manifold, p.detach().clone()
+    opt = TDLRT([p], lr=0.1, tau=0.1)
+    calls = []
+
+    def poisoned():
+        calls.append(1)
+        loss = 0.5 * ((p.manifold.to_dense(p) - a) ** 2).sum() * (float("inf") if len(calls) == 2 else 1.0)
+        loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="pass 2"):
+        opt.step(poisoned)
+    assert p.manifold is m0 and torch.equal(p.detach(), x0) and p.grad is None
+
+
+def test_no_tucker_parameter_says_what_to_do():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"no Tucker parameter.*tuckerize\(model, linear=True\)"):
+        TDLRT(model.parameters(), lr=0.1)
+
+
+def test_batched_tucker_parameter_is_refused():
+    m = FixedRankTucker((5, 4, 3), (2, 2, 2))
+    batched = torch.Tensor._make_subclass(TuckerParameter, torch.stack([m.random(), m.random()]), True)
+    batched.manifold, batched.bounds = m, RankBounds.full(m.shape)
+    p, _ = make_problem(0)
+    with pytest.raises(ValueError, match="batched Tucker parameters are not supported by TDLRT; use geoopt's optimizers"):
+        TDLRT([p, batched], lr=0.1)
+    opt = TDLRT([p], lr=0.1)
+    with pytest.raises(ValueError, match="batched"):
+        opt.add_param_group({"params": [batched]})
+
+
+def test_pass_two_asks_for_core_gradients_only():
+    p, a = make_problem(0)
+    other, _ = make_problem(1)
+    seen = []
+    opt = TDLRT([p], lr=0.1, tau=0.1)
+
+    def closure():
+        seen.append((factor_grads_wanted(p), factor_grads_wanted(other)))
+        return quad_closure(p, a)()
+
+    opt.step(closure)
+    assert seen == [(True, True), (False, True)]
+    assert factor_grads_wanted(p)
+
+
+def test_truncation_stage_sees_every_parameter_at_once():
+    """The stages are methods a subclass can replace: here a joint truncation that keeps every rank."""
+    (p, a), (q, b) = make_problem(0), make_problem(1, shape=(6, 5, 4))
+    seen = []
+
+    class KeepRanks(TDLRT):
+        def _truncate(self, plans):
+            seen.append([(plan.p is x, plan.old_ranks, tuple(plan.stepped.shape)) for plan, x in zip(plans, (p, q))])
+            self.last_step_info = []
+            for plan in plans:
+                tr = truncate_core(plan.stepped, 0.0, rmin=1, adaptive=[False] * 3, fixed_ranks=plan.old_ranks)
+                self._apply_truncation(plan, tr)
+
+    opt = KeepRanks([p, q], lr=0.1, tau=0.5)
+
+    def closure():
+        loss = 0.5 * ((p.manifold.to_dense(p) - a) ** 2).sum() + 0.5 * ((q.manifold.to_dense(q) - b) ** 2).sum()
+        loss.backward()
+        return loss
+
+    r0 = (p.manifold.ranks, q.manifold.ranks)
+    for _ in range(2):
+        opt.step(closure)
+    assert (p.manifold.ranks, q.manifold.ranks) == r0 and len(seen) == 2
+    for (same_param, old, aug), r in zip(seen[0], r0):
+        # one call with both parameters, each augmented (every mode at least, some strictly) before truncation
+        assert same_param and old == r and all(s >= o for s, o in zip(aug, old)) and sum(aug) > sum(old)
+    assert [info["ranks"] for info in opt.last_step_info] == list(r0)
 
 
 def test_nan_gradient_only_is_skipped():

@@ -308,7 +308,7 @@ class TDLRT(torch.optim.Optimizer):
         """Put every parameter back at its point from before the step (bit-identical; state untouched)."""
         for plan in plans:
             core, factors = plan.old_manifold.unpack(plan.old_data)
-            set_point(plan.p, core, factors)
+            set_point(plan.p, core, factors, manifold=plan.old_manifold)
 
     # ------------------------------------------------------------------ helpers
     def _all_params(self) -> Iterator[tuple[dict, torch.Tensor]]:
