@@ -428,8 +428,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = os.environ.get("TUCKER_MANIFOLD_DEBUG", "") not in ("", "0")
     threads = getattr(args, "threads", None)
     old_threads = None
-    # the library logs (one line per epoch, one per run); the command shows them on stdout
-    log = logging.getLogger("tucker_manifold")
+    # the experiments log one line per epoch and one per run: the command shows them on stdout (the
+    # per-conversion details of tuckerize / factorize_model stay at their loggers' default level)
+    log = logging.getLogger("tucker_manifold.experiments")
     handler, old_level = logging.StreamHandler(sys.stdout), log.level
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
