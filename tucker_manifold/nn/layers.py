@@ -38,6 +38,7 @@ from ..parameter import (
     TuckerParameter,
     factor_grads_wanted,
     make_tucker_parameter,
+    record_io,
     set_point,
     tucker_manifold,
 )
@@ -480,6 +481,10 @@ class TuckerConv2d(TuckerLayer, FactorizedConv2d):
         return {"factorized": fact, "reconstructed": recon}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One-pass TDLRT: records (x, dL/dy) when an optimizer asks for it; otherwise one context read.
+        return record_io(self.tucker_weight, self, x, self._forward(x))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         core, (u_out, u_in, u_h, u_w) = self.core_and_factors()
         if self.chosen_forward(x.shape) == "reconstructed":
             kernel = reconstruct(core, [u_out, u_in, u_h, u_w])
@@ -535,6 +540,9 @@ class TuckerLinear(TuckerLayer, FactorizedLinear):
         return {"factorized": fact, "reconstructed": recon}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return record_io(self.tucker_weight, self, x, self._forward(x))  # see TuckerConv2d.forward
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         core, (u_out, u_in) = self.core_and_factors()
         if self.chosen_forward(x.shape) == "reconstructed":
             return F.linear(x, u_out @ core @ u_in.transpose(0, 1), self.bias)
