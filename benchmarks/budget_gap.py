@@ -10,7 +10,7 @@ true error).
 Several tensors: 2-3 small tensors (some with fixed modes and rmin > 1, random weights), a random total
 budget; the exact optimum of the weighted objective by Pareto merge of every tensor's shapes.
 
-    python benchmarks/budget_gap.py [--trials 100] [--seed 0] [--out runs/bench/budget_gap]
+    python benchmarks/budget_gap.py [--trials 100] [--seed 0] [--max-tensors 3] [--out runs/bench/budget_gap]
 """
 from __future__ import annotations
 
@@ -100,12 +100,12 @@ def _random_item(rng: np.random.Generator, gen: torch.Generator) -> B.BudgetTens
     return B.budget_tensor(tensor, bounds=bounds, weight=weight)
 
 
-def multi(trials: int, seed: int) -> dict:
+def multi(trials: int, seed: int, max_tensors: int = 3) -> dict:
     rng = np.random.default_rng(seed + 1)
     rows = []
     for trial in range(trials):
         gen = torch.Generator().manual_seed(seed * 100003 + 50000 + trial)
-        items = [_random_item(rng, gen) for _ in range(int(rng.integers(2, 4)))]
+        items = [_random_item(rng, gen) for _ in range(int(rng.integers(2, max_tensors + 1)))]
         lo = B.min_param_count(items)
         hi = sum(t.count(t.upper) for t in items)
         n = int(rng.integers(lo, hi + 1))
@@ -153,19 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=100, help="random cases per experiment (default 100)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tensors", type=int, default=3, help="tensors per multi-tensor case: 2..this (default 3)")
     parser.add_argument("--out", default=str(runs_dir("bench", "budget_gap")), help="output folder")
     args = parser.parse_args(argv)
     if args.trials < 1:
         parser.error("--trials must be >= 1")
+    if args.max_tensors < 2:
+        parser.error("--max-tensors must be >= 2")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    res = dict(single=single(args.trials, args.seed), multi=multi(args.trials, args.seed), trials=args.trials, seed=args.seed)
+    res = dict(single=single(args.trials, args.seed), multi=multi(args.trials, args.seed, args.max_tensors),
+               trials=args.trials, seed=args.seed, max_tensors=args.max_tensors)
     res["seconds"] = time.perf_counter() - t0
     out = output_dir(args.out)
     write_json(out / "budget_gap.json", res)
     text = "\n\n".join([
         _table(f"single tensor, {args.trials} random tensors (d = 3, 4)", res["single"]["summary"]),
-        _table(f"2-3 tensors, {args.trials} random cases", res["multi"]["summary"]),
+        _table(f"2-{args.max_tensors} tensors, {args.trials} random cases", res["multi"]["summary"]),
     ])
     (out / "budget_gap.md").write_text(text + "\n")
     print(text)

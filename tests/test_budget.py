@@ -259,6 +259,8 @@ def test_spectra_only_matches_core_for_bound():
         assert B.allocate_ranks([spec], n, "bound").ranks == B.allocate_ranks([full], n, "bound").ranks
     with pytest.raises(ValueError, match="exact"):
         B.allocate_ranks([spec], 200, "exact")
+    with pytest.raises(ValueError, match="sizes"):
+        B.budget_tensor_from_spectra((4, 9, 9), full.singular_values, core.shape)
 
 
 def test_low_precision_and_zero_core():
