@@ -372,3 +372,12 @@ def test_global_masks_from_scores_ties_and_nan():
     assert zeros_in(m) == 5 and m["a"].reshape(-1)[:5].all() and not m["a"].reshape(-1)[5] and not m["b"].any()
     with pytest.raises(ValueError, match="NaN"):
         P.global_masks_from_scores({"a": torch.tensor([1.0, math.nan])}, 0.5)
+
+
+def test_pruned_compression_rate_agrees_with_compression_rate_on_factorized_models():
+    from tucker_manifold.nn import factorize_model, tuckerize
+
+    torch.manual_seed(0)
+    for model in (tuckerize(small_cnn(), rank_fraction=0.5), factorize_model(small_cnn(), "cp", rank=3),
+                  nn.Sequential(TTConv2d(2, 6, 3, ranks=2))):
+        assert P.pruned_compression_rate(model) == compression_rate(model)
