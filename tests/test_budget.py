@@ -306,7 +306,13 @@ def test_bad_input():
     gen = torch.Generator().manual_seed(0)
     item = B.budget_tensor(B.synthetic_tensor((5, 4, 3), [0.6, 0.7, 0.8], 0.0, gen))
     minimum = B.min_param_count([item])
-    assert minimum == B.tucker_param_count((5, 4, 3), (1, 1, 1))
+    assert minimum == B.tucker_param_count((5, 4, 3), (1, 1, 1)) == B.minimum_count((5, 4, 3))
+    conv = RankBounds((2, 1, 3, 3), (8, 8, 3, 3), (True, True, False, False))
+    assert B.minimum_count((8, 8, 3, 3), conv) == B.tucker_param_count((8, 8, 3, 3), (2, 1, 3, 3))
+    assert B.minimum_count((8, 8, 3), RankBounds((1, 1, 3), (8, 8, 3), (True, True, False))) == B.tucker_param_count(
+        (8, 8, 3), (1, 1, 1))  # the fixed mode is lowered with the others
+    with pytest.raises(ValueError, match="budget"):
+        B.check_budget(2.5)
     for bad in (100.0, "100", True, None, 0):
         with pytest.raises(ValueError, match="budget"):
             B.allocate_ranks([item], bad)

@@ -87,6 +87,8 @@ __all__ = [
     "Allocation",
     "allocate_ranks",
     "min_param_count",
+    "minimum_count",
+    "check_budget",
     "truncate_to_ranks",
     "budget_at_step",
     "CoreShape",
@@ -323,13 +325,33 @@ class Allocation(NamedTuple):
     errors: list[float]
 
 
-def _check_budget(budget: object) -> int:
+def check_budget(budget: object) -> int:
+    """``budget`` as an int, or ``ValueError`` naming ``budget`` (not an int, a bool, or < 1)."""
     if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
         raise ValueError(f"budget must be an int (a number of parameters), got {budget!r}")
     budget = int(budget)
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget}")
     return budget
+
+
+def minimum_count(
+    shape: Sequence[int], bounds: Optional[RankBounds] = None, fixed_ranks: Optional[Sequence[int]] = None
+) -> int:
+    """The smallest count of one Tucker tensor of ``shape``: adaptive modes at ``rmin``, fixed modes at
+    ``fixed_ranks`` (pass the parameter's current ranks; default their ``rmax``), lowered to a valid
+    multilinear rank. Known before any step, so an optimizer can check a budget at construction: with
+    the same fixed ranks, :func:`min_param_count` of the tensors built at a step is never above the
+    sum of these (their augmented sizes can only lower the minimum)."""
+    shape = tuple(int(n) for n in shape)
+    bounds = RankBounds.full(shape) if bounds is None else bounds
+    if len(bounds.rmin) != len(shape):
+        raise ValueError(f"bounds must have {len(shape)} entries per field, got {bounds}")
+    r = [
+        min(bounds.rmin[i] if bounds.adaptive[i] else (bounds.rmax[i] if fixed_ranks is None else int(fixed_ranks[i])), n)
+        for i, n in enumerate(shape)
+    ]
+    return tucker_param_count(shape, lower_to_multilinear_ranks(r))
 
 
 def min_param_count(tensors: Sequence[BudgetTensor]) -> int:
@@ -398,7 +420,7 @@ def allocate_ranks(
     budget below :func:`min_param_count` raises ``ValueError`` stating the minimum. A budget above the
     count at the ``upper`` ranks leaves every tensor there (the tau floor and ``rmax`` still apply).
     """
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     items = list(tensors)
@@ -623,7 +645,7 @@ def optimal_core_shape_bruteforce(tensor: BudgetTensor, budget: int, objective: 
     """The exact optimum for one tensor: the rank tuple (valid, in ``[lower, upper]``, count ``<= budget``)
     with the smallest squared error ``E`` (``"exact"``: the true truncated-HOSVD error; ``"bound"``: the
     surrogate), by enumeration. Small shapes only (at most 2e6 tuples)."""
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     r, counts, errs = _all_shapes(tensor, budget, objective)
@@ -648,7 +670,7 @@ def optimal_allocation_bruteforce(tensors: Sequence[BudgetTensor], budget: int, 
     """The exact optimum of the multi-tensor problem (weighted), for checks on a few small tensors:
     each tensor's Pareto front of (count, weighted error) over all its valid shapes, merged pairwise
     (an optimal allocation uses a Pareto-optimal shape in every tensor)."""
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     items = list(tensors)
