@@ -381,3 +381,34 @@ def test_pruned_compression_rate_agrees_with_compression_rate_on_factorized_mode
     for model in (tuckerize(small_cnn(), rank_fraction=0.5), factorize_model(small_cnn(), "cp", rank=3),
                   nn.Sequential(TTConv2d(2, 6, 3, ranks=2))):
         assert P.pruned_compression_rate(model) == compression_rate(model)
+
+
+def test_pruned_model_deepcopies_pickles_and_round_trips_state_dict():
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    P.apply_masks(model, P.magnitude_masks(model, 0.7))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()  # after a forward, prune alone leaves a non-leaf `weight`
+    opt.step()
+    twin = copy.deepcopy(model)
+    model.eval(), twin.eval()
+    assert torch.equal(twin(x), model(x)) and P.get_masks(twin).keys() == P.get_masks(model).keys()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    fresh = small_cnn()
+    P.apply_masks(fresh, P.magnitude_masks(fresh, 0.1))  # same structure (weight_orig / weight_mask keys)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    fresh.eval()
+    assert torch.equal(fresh(x), model(x))
+    assert abs(P.conv_sparsity(fresh) - 0.7) * n_conv_weights(fresh) <= 1
+    # Gradients still reach weight_orig through the forward (the detach happens after it).
+    fresh.train()
+    F.cross_entropy(fresh(x), y).backward()
+    assert fresh[0].weight_orig.grad is not None and torch.all(fresh[0].weight_orig.grad[~fresh[0].weight_mask.bool()] == 0)
+    P.make_permanent(fresh)
+    assert not fresh[0]._forward_hooks

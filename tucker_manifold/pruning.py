@@ -265,11 +265,21 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
         if is_pruned(m):
             with torch.no_grad():
                 m.weight_mask.copy_(mask)
-            # prune refreshes `weight` in its forward pre-hook; refresh it now too, for readers before a forward.
-            setattr(m, "weight", m.weight_orig * m.weight_mask)
         else:
             prune.custom_from_mask(m, "weight", mask)
+        if _detach_masked_weight not in m._forward_hooks.values():
+            m.register_forward_hook(_detach_masked_weight)
+        # prune refreshes `weight` in its forward pre-hook; refresh it now too, for readers before a forward.
+        _detach_masked_weight(m, (), None)
     return model
+
+
+def _detach_masked_weight(module: nn.Module, inputs: Any, output: Any) -> None:
+    """Forward hook: after the forward, keep ``module.weight`` (= ``weight_orig * weight_mask``) as a
+    detached tensor. prune's pre-hook leaves a non-leaf tensor there, which makes ``copy.deepcopy`` of
+    the model fail; the autograd graph of the forward already holds the original. Module-level so that
+    pruned models stay picklable."""
+    module.weight = (module.weight_orig * module.weight_mask).detach()
 
 
 def get_masks(model: nn.Module) -> Masks:
@@ -282,6 +292,8 @@ def make_permanent(model: nn.Module) -> nn.Module:
     (masks are then no longer enforced by training). Returns ``model``."""
     for _, m in model.named_modules():
         if is_pruned(m):
+            for key in [k for k, h in m._forward_hooks.items() if h is _detach_masked_weight]:
+                del m._forward_hooks[key]
             prune.remove(m, "weight")
     return model
 
@@ -495,7 +507,7 @@ def _rewind(model: nn.Module, snapshot: Mapping[str, torch.Tensor]) -> None:
             t.copy_(snapshot[src])
     for _, m in model.named_modules():
         if is_pruned(m):
-            setattr(m, "weight", m.weight_orig * m.weight_mask)
+            _detach_masked_weight(m, (), None)
 
 
 def run_imp(
