@@ -47,7 +47,7 @@ import copy
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
