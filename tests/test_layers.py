@@ -560,7 +560,10 @@ def test_load_state_dict_with_invalid_ranks_reports_an_error():
 
 
 def test_deepcopy_and_pickle_of_a_model_after_rank_changes():
-    model = nn.Sequential(TuckerConv2d(3, 6, 3, 2, dtype=DT), nn.Flatten(), TuckerLinear(6 * 2 * 3, 2, 2, dtype=DT))
+    def build():
+        return nn.Sequential(TuckerConv2d(3, 6, 3, 2, dtype=DT), nn.Flatten(), TuckerLinear(6 * 2 * 3, 2, 2, dtype=DT))
+
+    model = build()
     m = FixedRankTucker(model[0].shape, (5, 3, 2, 3))
     set_point(model[0].tucker_weight, *m.unpack(m.random(dtype=DT)))
     buf = io.BytesIO()
@@ -570,9 +573,11 @@ def test_deepcopy_and_pickle_of_a_model_after_rank_changes():
     for other in [copy.deepcopy(model), torch.load(buf, weights_only=False)]:
         assert torch.equal(other(x), model(x)) and other[0].ranks == (5, 3, 2, 3)
         assert other.state_dict()["0.tucker_ranks"].tolist() == [5, 3, 2, 3]
-        fresh = nn.Sequential(TuckerConv2d(3, 6, 3, 2, dtype=DT), nn.Flatten(), TuckerLinear(6 * 2 * 3, 2, 2, dtype=DT))
+        fresh = build()
         fresh.load_state_dict(other.state_dict())
         assert torch.equal(fresh(x), model(x))
+        other.load_state_dict(build().state_dict())
+        assert other[0].ranks == (2, 2, 3, 3) and model[0].ranks == (5, 3, 2, 3)  # the copy's hooks act on the copy
 
 
 def test_factorized_layer_base_api():

@@ -123,7 +123,7 @@ def _layer_like(m: nn.Module) -> bool:
     (or not initialised yet). Containers, activations and norms are not."""
     if isinstance(m, FactorizedLayer):
         return True
-    w = m.__dict__.get("_parameters", {}).get("weight")
+    w = m._parameters.get("weight")
     return isinstance(w, torch.Tensor) and (nn.parameter.is_lazy(w) or w.dim() >= 2)
 
 
