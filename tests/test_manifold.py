@@ -89,8 +89,12 @@ def test_random_on_manifold(manifold):
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     assert torch.equal(m.random(generator=g1), m.random(generator=g2))
     assert m.random(m.packed_size).shape == (m.packed_size,)
-    with pytest.raises(ValueError, match="size"):
-        m.random(3, m.packed_size)
+    # geoopt's random(*size): size is the output shape, leading dimensions are a batch
+    assert m.random(3, m.packed_size).shape == (3, m.packed_size)
+    assert m.random((2, 3, m.packed_size)).shape == (2, 3, m.packed_size)
+    for bad in [(3,), (3, m.packed_size + 1), (m.packed_size, 3)]:
+        with pytest.raises(ValueError, match="size"):
+            m.random(*bad)
     assert m.random(dtype=torch.float32).dtype == torch.float32
     u = m.random_tangent(x)
     assert m.check_vector_on_tangent(x, u)
@@ -375,7 +379,10 @@ def test_method_argument_errors():
         (lambda: m.tangent_to_dense(x, short), "`u`"),
         (lambda: m.to_dense(short), "`x`"),
         (lambda: m.projx(short), "`x`"),
-        (lambda: m.unpack(x.reshape(1, -1)), "`x`"),
+        (lambda: m.unpack(x.reshape(-1, 1)), "`x`"),
+        (lambda: m.unpack(x[0]), "`x`"),
+        (lambda: m.proju(x.expand(2, -1), u.expand(3, -1)), "`x`.*`u`"),
+        (lambda: m.proj_dense(x.expand(2, -1), torch.randn(3, 5, 4, 3)), "`x`.*`z`"),
         (lambda: m.proj_dense(x, torch.randn(5, 4)), "z"),
     ]:
         with pytest.raises(ValueError, match=name):

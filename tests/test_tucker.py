@@ -270,6 +270,59 @@ def test_orthonormalize(case):
         assert torch.allclose(q @ (q.T @ u), u, atol=1e-10)
 
 
+# ---------------------------------------------------------------- batch_ndim
+def flat_batch(t, bn):
+    return t.reshape(-1, *t.shape[bn:])
+
+
+def test_batched_helpers_equal_the_loop(case):
+    """batch_ndim=2: unfold/fold, mode_dot (shared and per-tensor matrices), multi_mode_dot,
+    reconstruct, left_singular, truncated_hosvd and orthonormalize equal the loop over the batch."""
+    shape, ranks = case
+    d, batch = len(shape), (2, 3)
+    t = torch.randn(*batch, *shape)
+    tf = flat_batch(t, 2)
+    for i in range(d):
+        m = unfold(t, i, batch_ndim=2)
+        assert torch.equal(m, torch.stack([unfold(a, i) for a in tf]).reshape(*batch, *m.shape[2:]))
+        assert torch.equal(fold(m, i, shape, batch_ndim=2), t)
+        a = torch.randn(*batch, 4, shape[i])
+        ref = torch.stack([mode_dot(x, y, i) for x, y in zip(tf, flat_batch(a, 2))])
+        assert torch.allclose(flat_batch(mode_dot(t, a, i, batch_ndim=2), 2), ref, atol=1e-12)
+        shared = a[0, 0]
+        ref = torch.stack([mode_dot(x, shared, i) for x in tf])
+        assert torch.allclose(flat_batch(mode_dot(t, shared, i, batch_ndim=2), 2), ref, atol=1e-12)
+    with pytest.raises(ValueError, match="matrix"):
+        mode_dot(t, torch.randn(3, 4, shape[0]), 0, batch_ndim=2)
+    core = torch.randn(*batch, *ranks)
+    factors = [torch.randn(*batch, n, r) for n, r in zip(shape, ranks)]
+    full = reconstruct(core, factors, batch_ndim=2)
+    ref = torch.stack([reconstruct(c, [f.reshape(-1, *f.shape[2:])[k] for f in factors]) for k, c in enumerate(flat_batch(core, 2))])
+    assert torch.allclose(flat_batch(full, 2), ref, atol=1e-11)
+    assert torch.allclose(multi_mode_dot(full, factors, transpose=True, batch_ndim=2).reshape(-1, *ranks),
+                          torch.stack([multi_mode_dot(w, [f.reshape(-1, *f.shape[2:])[k] for f in factors], transpose=True)
+                                       for k, w in enumerate(flat_batch(full, 2))]), atol=1e-10)
+    c1, f1 = orthonormalize(core, factors, batch_ndim=2)
+    assert torch.allclose(reconstruct(c1, f1, batch_ndim=2), full, atol=1e-10)
+    for k in range(6):
+        ck, fk = orthonormalize(flat_batch(core, 2)[k], [f.reshape(-1, *f.shape[2:])[k] for f in factors])
+        assert torch.allclose(flat_batch(c1, 2)[k], ck, atol=1e-11)
+        assert all(torch.allclose(a.reshape(-1, *a.shape[2:])[k], b, atol=1e-12) for a, b in zip(f1, fk))
+    res = truncated_hosvd(full, ranks=ranks, batch_ndim=2)
+    assert res.core.shape == (*batch, *ranks)
+    assert torch.allclose(reconstruct(res.core, res.factors, batch_ndim=2), full, atol=1e-9 * full.abs().max())
+    for k in range(6):
+        one = truncated_hosvd(flat_batch(full, 2)[k], ranks=ranks)
+        for s_b, s_1 in zip(res.singular_values, one.singular_values):
+            assert torch.allclose(s_b.reshape(-1, s_b.shape[-1])[k], s_1, atol=1e-10)
+    with pytest.raises(ValueError, match="ranks="):
+        truncated_hosvd(full, tau=0.1, batch_ndim=2)
+    bad = full.clone()
+    bad[(1, 2) + (0,) * d] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        truncated_hosvd(bad, ranks=ranks, batch_ndim=2)
+
+
 # ---------------------------------------------------------------- check_multilinear_ranks
 def test_check_multilinear_ranks():
     assert check_multilinear_ranks((5, 4, 3), [2, 3, 3]) == (2, 3, 3)
