@@ -705,7 +705,7 @@ class SinglePass:
     Call 2 (TDLRT's pass 2, at the lifted point): no model evaluation; each Tucker parameter gets
     dL/dC^ rebuilt locally from the records at its augmented bases (read from the parameter, where
     TDLRT put them), the other parameters their pass-1 gradients.
-    This is the wiring `TDLRT(single_pass=True)` needs: pass 1 with recording and no freezing, then
+    This was the wiring prototype of `TDLRT(single_pass=True)` (now the default; tests/test_single_pass.py): pass 1 with recording and no freezing, then
     `onepass.augmented_core_gradient(records, plan.bases)` in place of pass 2.
     """
 
@@ -810,7 +810,8 @@ def test_single_pass_reproduces_two_pass_tdlrt(opts):
     ref = _small_cnn(7)
     one = copy.deepcopy(ref)
     _hook_layers(one)
-    opt_ref, opt_one = TDLRT(ref.parameters(), **opts), TDLRT(one.parameters(), **opts)
+    # the prototype drives the two-pass interface (its second call is the rebuilt pass 2)
+    opt_ref, opt_one = TDLRT(ref.parameters(), single_pass=False, **opts), TDLRT(one.parameters(), single_pass=False, **opts)
     g = torch.Generator().manual_seed(0)
     rank_changes = 0
     start = [p.manifold.ranks for p in _tucker_params(ref)]
@@ -849,7 +850,8 @@ def test_single_pass_check_fails_on_a_broken_gradient():
     one = copy.deepcopy(ref)
     _hook_layers(one)
     opts = dict(method="sgd", momentum=0.9, lr=0.05, tau=0.2)
-    opt_ref, opt_one = TDLRT(ref.parameters(), **opts), TDLRT(one.parameters(), **opts)
+    # the prototype drives the two-pass interface (its second call is the rebuilt pass 2)
+    opt_ref, opt_one = TDLRT(ref.parameters(), single_pass=False, **opts), TDLRT(one.parameters(), single_pass=False, **opts)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         x, y = torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
@@ -872,8 +874,8 @@ def test_single_pass_bare_manifold_parameter_through_to_dense():
     p_one = ManifoldParameter(p_ref.data.clone(), manifold=m)
     bias_ref = nn.Parameter(torch.zeros(6))
     bias_one = nn.Parameter(torch.zeros(6))
-    opt_ref = TDLRT([p_ref, bias_ref], lr=0.05, tau=0.02, momentum=0.5)
-    opt_one = TDLRT([p_one, bias_one], lr=0.05, tau=0.02, momentum=0.5)
+    opt_ref = TDLRT([p_ref, bias_ref], lr=0.05, tau=0.02, momentum=0.5, single_pass=False)
+    opt_one = TDLRT([p_one, bias_one], lr=0.05, tau=0.02, momentum=0.5, single_pass=False)
 
     def loss_of(w, b):
         return (torch.tanh(w + b) - target).pow(2).sum()

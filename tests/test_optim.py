@@ -7,12 +7,20 @@ import pytest
 import torch
 
 from tucker_manifold import FixedRankTucker
-from tucker_manifold.optim import TDLRT
+from tucker_manifold.optim import TDLRT as _TDLRT
 from tucker_manifold.flow import truncate_core
 from tucker_manifold.parameter import RankBounds, TuckerParameter, factor_grads_wanted, make_tucker_parameter, set_point
 from tucker_manifold.tucker import multi_mode_dot, truncated_hosvd
 
 SEEDS = [0, 1, 2]
+
+
+class TDLRT(_TDLRT):
+    """The two-pass reference (``single_pass=False``): these tests check its formulas on bare parameters
+    used through ``M.to_dense``; tests/test_single_pass.py checks the one-pass default against it."""
+
+    def __init__(self, *args, single_pass: bool = False, **kwargs):
+        super().__init__(*args, single_pass=single_pass, **kwargs)
 
 
 @pytest.fixture(autouse=True)

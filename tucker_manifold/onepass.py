@@ -315,3 +315,66 @@ def core_gradient_mismatch(g_aug: torch.Tensor, core_grad: torch.Tensor) -> floa
     if ref == 0:
         return 0.0 if diff == 0 else math.inf
     return float(diff / ref)
+
+
+# ----------------------------------------------------------------------------------- parallel step, extras
+def parallel_core_gradient_from_factors(
+    core_grad: torch.Tensor,
+    factor_grads: Sequence[torch.Tensor],
+    core: torch.Tensor,
+    bases: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """The masked gradient of :func:`parallel_core_gradient` from one backward's autograd gradients
+    alone, with no layer records (research/parallel.md §3):
+
+    * ``B_{}`` = ``core_grad`` ``(r_1..r_d)``;
+    * ``B_{i}`` = ``Fold_i(U~_i^T G_i R_i^{-1} Q_i^T)`` with ``G_i = factor_grads[i] (n_i, r_i)``,
+      ``Mat_i(C)^T = Q_i R_i`` and ``U~_i`` the new columns of ``bases[i] (n_i, r^_i)`` (old ``U_i``
+      leading); ``R_i^{-1}`` is a triangular solve, never an inverse;
+    * every other block zero.
+
+    Equal to the masking in exact arithmetic; both lose about ``eps * cond(Mat_i(C))`` (checked in
+    tests/test_parallel_tdlrt.py). A mode whose ``R_i`` is numerically singular
+    (``min |diag R_i| <= r_i eps max |diag R_i|``) has no tangent space there: its block is left zero.
+    """
+    d = core.ndim
+    ranks = tuple(core.shape)
+    aug = tuple(int(b.shape[1]) for b in bases)
+    if tuple(core_grad.shape) != ranks or len(factor_grads) != d or len(bases) != d:
+        raise ValueError(f"core_grad must have the core's shape {ranks} and there must be {d} factor_grads and bases")
+    if any(a < r for a, r in zip(aug, ranks)):
+        raise ValueError(f"bases must have at least the core's ranks {ranks} columns, got {aug}")
+    la = torch.float64 if core.dtype == torch.float64 else torch.float32
+    out = torch.zeros(aug, dtype=core_grad.dtype, device=core_grad.device)
+    old = tuple(slice(0, r) for r in ranks)
+    out[old] = core_grad
+    for i in range(d):
+        if aug[i] == ranks[i]:
+            continue
+        q, r = torch.linalg.qr(unfold(core.to(la), i).transpose(0, 1))  # (prod_{j!=i} r_j, r_i), (r_i, r_i)
+        diag = torch.diagonal(r).abs()
+        if float(diag.min()) <= ranks[i] * torch.finfo(la).eps * float(diag.max()):
+            continue
+        a = bases[i][:, ranks[i]:].to(la).transpose(0, 1) @ factor_grads[i].to(la)  # (r~_i, r_i)
+        x = torch.linalg.solve_triangular(r, a, upper=True, left=False)  # a R_i^{-1}
+        shape = list(ranks)
+        shape[i] = aug[i] - ranks[i]
+        sl = list(old)
+        sl[i] = slice(ranks[i], None)
+        out[tuple(sl)] = fold(x @ q.transpose(0, 1), i, shape).to(out.dtype)
+    return out
+
+
+def parallel_dropped_norm(g_aug: torch.Tensor, old_ranks: Sequence[int]) -> torch.Tensor:
+    """``eta = ||B_S||_F`` over the blocks of ``g_aug (r^_1..r^_d)`` new in two or more modes: the part of
+    the augmented-core gradient the parallel step drops (for matrices, ``||U~^T grad L V~||``, the
+    quantity of the parallel integrator's step-rejection test). A 0-d tensor."""
+    count = torch.zeros((), dtype=torch.int64, device=g_aug.device)
+    for i, r in enumerate(old_ranks):
+        shape = [1] * g_aug.ndim
+        shape[i] = -1
+        count = count + (torch.arange(g_aug.shape[i], device=g_aug.device) >= int(r)).reshape(shape)
+    return torch.linalg.vector_norm(torch.where(count >= 2, g_aug, torch.zeros_like(g_aug)))
+
+
+__all__ += ["parallel_core_gradient_from_factors", "parallel_dropped_norm"]

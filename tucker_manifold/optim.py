@@ -63,6 +63,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import sys
 import warnings
 import weakref
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -143,6 +145,16 @@ class _StepRecorder(LayerIORecorder):
 
 
 _SHARED_RECORDER: Optional[_StepRecorder] = None
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _stacklevel() -> int:
+    """``stacklevel`` for a warning issued by the caller, pointing at the first frame outside this module
+    and torch (the user's ``opt.step(...)`` line, however torch wraps ``step``)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename == __file__ or frame.f_code.co_filename.startswith(_TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _recorder() -> _StepRecorder:
@@ -658,7 +670,7 @@ class TDLRT(torch.optim.Optimizer):
             warnings.warn(
                 f"{type(self).__name__}: the Tucker parameter of shape {plan.old_manifold.shape} takes "
                 f"{self._FALLBACK_WHAT} in one-pass mode, because {why}. Said once per parameter.",
-                SinglePassFallbackWarning, stacklevel=6)  # the caller of step()
+                SinglePassFallbackWarning, stacklevel=_stacklevel())
 
     _FALLBACK_WHAT = "a second pass (its dL/dC^ at the lifted point)"
 
@@ -782,7 +794,7 @@ class TDLRT(torch.optim.Optimizer):
             f"{type(self).__name__}: non-finite loss or gradient {where}; step skipped, weights and state unchanged "
             f"(skipped so far: {self.skipped_steps})",
             RuntimeWarning,
-            stacklevel=5,  # the caller of step()
+            stacklevel=_stacklevel(),
         )
 
     def _base_update(self, group: dict, state: dict, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -838,8 +850,9 @@ class TDLRT(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["tdlrt"] = {"skipped_steps": self.skipped_steps}
-        if self.budget is not None:  # the budget schedule's position
+        if self.budget is not None:  # the budget schedule's position and its starting count
             sd["tdlrt"]["budget_step"] = self.budget_step
+            sd["tdlrt"]["budget_initial"] = self._budget_initial
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -848,6 +861,8 @@ class TDLRT(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         self.budget_step = int(extra.get("budget_step", 0))
+        if self.budget is not None and "budget_initial" in extra:
+            self._budget_initial = int(extra["budget_initial"])
 
 
 class ParallelTDLRT(TDLRT):
