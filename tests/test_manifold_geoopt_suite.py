@@ -458,3 +458,25 @@ def test_bank_steps_equal_separate_parameters(name, seed):
         opt_singles.step()
     stacked = torch.stack([s.detach() for s in singles])
     assert_close(m.to_dense(bank.detach()), m.to_dense(stacked), 1e-10)
+
+
+@pytest.mark.parametrize("seed", [1])  # one run: the example seeds itself
+def test_example_geoopt_batched(seed, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "geoopt_batched.py"
+    spec = importlib.util.spec_from_file_location("geoopt_batched", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    out = mod.main(["--steps", "80", "--print-every", "40"])
+    # measured at 80 steps, seed 0: max relative error 4.5e-10 (from 1.45 at the random starts)
+    assert len(out["final_rel_errors"]) == 8
+    assert min(out["initial_rel_errors"]) > 0.5
+    assert max(out["final_rel_errors"]) < 1e-8
+    assert out["on_manifold"]
+    assert "relative errors per tensor" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # writes nothing
+    assert torch.get_num_threads() == threads
