@@ -12,7 +12,8 @@ Both sides get their gradient for free (packed or dense), so only the geometry i
 interleaved round-robin in one process (the machine is shared and noisy): medians of ``--repeats``
 rounds after a warm-up (the per-operation columns are medians of each operation, the total the median
 of the per-round sums; the minimum is reported too, as the least noisy figure on a shared machine). Both compute the same point and the same transported vector; the script
-checks that before timing.
+checks that before timing. A second table times retr, egrad2rgrad and proju on a batch of 64 points
+in one call against a Python loop over the points (the batch path uses batched QR/SVD/matmul).
 
     tucker-manifold bench geometry [--repeats 15] [--threads N]   # or python benchmarks/geometry.py
 
@@ -34,6 +35,8 @@ from tucker_manifold.outputs import output_dir, runs_dir, write_json
 from tucker_manifold.tucker import truncated_hosvd
 
 CASES = [((64, 64, 3, 3), (8, 8, 3, 3)), ((256, 256, 3, 3), (32, 32, 3, 3))]
+# Batch row: one call on a (BATCH, packed_size) tensor of points against a Python loop over them.
+BATCH, BATCH_CASES = 64, [((16, 16, 3, 3), (4, 4, 3, 3)), ((64, 64, 3, 3), (8, 8, 3, 3))]
 STEP = 0.5
 
 
@@ -128,6 +131,36 @@ def bench(shape, ranks, repeats, warmup=3):
     return out
 
 
+def bench_batch(shape, ranks, repeats, batch=BATCH):
+    """retr, egrad2rgrad and proju on ``batch`` points in one batched call vs a loop, interleaved."""
+    g = torch.Generator().manual_seed(0)
+    m = FixedRankTucker(shape, ranks)
+    x = m.random(batch, m.packed_size, generator=g, dtype=torch.float64)
+    e = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    u = m.proju(x, e)
+    ops = {"retr": (m.retr, (x, 0.5 * u)), "egrad2rgrad": (m.egrad2rgrad, (x, e)), "proju": (m.proju, (x, e))}
+    out = {"shape": list(shape), "ranks": list(ranks), "batch": batch}
+    for name, (f, args) in ops.items():
+        batched, looped = f(*args), torch.stack([f(*(a[i] for a in args)) for i in range(batch)])
+        if name == "retr":
+            batched, looped = m.to_dense(batched), m.to_dense(looped)
+        if not torch.allclose(batched, looped, atol=1e-10 * looped.abs().max().item()):
+            raise SystemExit(f"batched {name} disagrees with the loop")
+        tb, tl = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(*args)
+            t1 = time.perf_counter()
+            for i in range(batch):
+                f(*(a[i] for a in args))
+            tb.append(t1 - t0)
+            tl.append(time.perf_counter() - t1)
+        out[name] = {"batched_ms": 1e3 * statistics.median(tb), "loop_ms": 1e3 * statistics.median(tl),
+                     "loop_over_batched": statistics.median(tl) / statistics.median(tb),
+                     "loop_over_batched_min": min(tl) / min(tb)}
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds per case (median reported)")
@@ -148,8 +181,15 @@ def main(argv=None) -> int:
                      if side == "dense" else "")
             print(f"{str(tuple(res['shape'])):>16} {str(tuple(res['ranks'])):>14} {side:>6} "
                   f"{t['egrad2rgrad_ms']:9.2f} {t['retr_ms']:9.2f} {t['transp_ms']:9.2f} {t['total_ms']:9.2f} {t['total_min_ms']:8.2f} {ratio}")
+    batch_results = [bench_batch(s, r, args.repeats) for s, r in BATCH_CASES]
+    print(f"\nbatch of {BATCH} points in one call vs a Python loop over them (ms, median; loop/batched)")
+    for res in batch_results:
+        cells = "  ".join(f"{op} {res[op]['batched_ms']:.2f} vs {res[op]['loop_ms']:.2f} = {res[op]['loop_over_batched']:.1f}x"
+                          for op in ("retr", "egrad2rgrad", "proju"))
+        print(f"{str(tuple(res['shape'])):>16} {str(tuple(res['ranks'])):>14}  {cells}")
     payload = {
         "benchmark": "egrad2rgrad + retr + transp, float64, median of interleaved rounds",
+        "batch_vs_loop": batch_results,
         "repeats": args.repeats,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
