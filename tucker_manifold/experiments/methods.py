@@ -1,7 +1,8 @@
 """The method registry: a method's name -> how to turn a freshly built dense model into the model and
 optimizer of that method, and how ``compare`` matches it to a reference's compression.
 
-Built in: ``dense``, ``tdlrt``, ``vanilla-tucker``, ``riemannian-fixed``, ``cp``, ``matrix``.
+Built in: ``dense``, ``tdlrt`` (one pass per step; ``tdlrt-twopass`` the two-pass reference), ``tdlrt-parallel``,
+``vanilla-tucker``, ``riemannian-fixed``, ``cp``, ``matrix``.
 
 Adding a method is one call (a decorator here)::
 
@@ -249,6 +250,26 @@ def _build_tdlrt(model, o):
 
     model = _tuckerized(model, o, DEFAULT_TDLRT_RANK_FRACTION)
     return model, TDLRT(model.parameters(), lr=o.lr, tau=o.tau, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+@register_method("tdlrt-twopass", adaptive=True,
+                 description="tdlrt with the two-pass reference step (two gradient evaluations per step)")
+def _build_tdlrt_twopass(model, o):
+    from ..optim import TDLRT
+
+    model = _tuckerized(model, o, DEFAULT_TDLRT_RANK_FRACTION)
+    return model, TDLRT(model.parameters(), lr=o.lr, tau=o.tau, momentum=o.momentum, weight_decay=o.weight_decay,
+                        single_pass=False)
+
+
+@register_method("tdlrt-parallel", adaptive=True,
+                 description="tuckerize (initial rank_fraction 0.5), ParallelTDLRT (Riemannian step) with tau and SGD-momentum")
+def _build_tdlrt_parallel(model, o):
+    from ..optim import ParallelTDLRT
+
+    model = _tuckerized(model, o, DEFAULT_TDLRT_RANK_FRACTION)
+    return model, ParallelTDLRT(model.parameters(), lr=o.lr, tau=o.tau, momentum=o.momentum,
+                                weight_decay=o.weight_decay)
 
 
 @register_method("vanilla-tucker", match=match_rank_fraction,
