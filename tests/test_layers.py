@@ -463,7 +463,7 @@ def test_tuckerize_shared_module_and_root():
 
 def test_tuckerize_summary_says_what_was_skipped_and_why(caplog):
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.Conv1d(8, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 8, 3, padding_mode="reflect"),
+        nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 8, 3, padding_mode="reflect"),
         nn.Conv2d(8, 4, 1), nn.Linear(4, 4), nn.MultiheadAttention(4, 2), nn.BatchNorm2d(4),
     ).double()
     with caplog.at_level("INFO", logger="tucker_manifold.nn.tuckerize"):
@@ -471,12 +471,12 @@ def test_tuckerize_summary_says_what_was_skipped_and_why(caplog):
     assert out is model and isinstance(model[0], TuckerConv2d)
     assert summary.converted == {"0": "Conv2d -> TuckerConv2d"}
     assert set(summary.skipped) == {"1", "2", "3", "4", "5", "6.out_proj"}  # no BatchNorm, no container
-    assert "unsupported type Conv1d" in summary.skipped["1"]
+    assert "unsupported type ConvTranspose2d" in summary.skipped["1"]
     assert "groups=2" in summary.skipped["2"] and "padding_mode" in summary.skipped["3"]
     assert summary.skipped["4"] == "excluded"
     assert "linear=True" in summary.skipped["5"]
     assert "MultiheadAttention" in summary.skipped["6.out_proj"]
-    assert "converted 1 module(s), skipped 6" in caplog.text and "unsupported type Conv1d" in caplog.text
+    assert "converted 1 module(s), skipped 6" in caplog.text and "unsupported type ConvTranspose2d" in caplog.text
     # the default return value is the model alone; an already converted layer is reported as such
     again, summary = tuckerize(model, ranks=2, linear=True, return_summary=True)
     assert again is model and "already a factorized layer" in summary.skipped["0"] and "5" in summary.converted
@@ -596,7 +596,8 @@ def test_factorized_layer_base_api():
         assert tm.nn.is_conv_layer(layer) == layer.is_conv == isinstance(dense, nn.Conv2d)
         torch.testing.assert_close(layer.bias, dense.bias)
     assert [lay.ranks for lay in layers] == [(2, 2, 3, 3), (3,), (2,), (2, 2), (2,)]
-    assert tm.nn.is_conv_layer(nn.Conv2d(1, 1, 1)) and not tm.nn.is_conv_layer(nn.Conv1d(1, 1, 1))
+    assert tm.nn.is_conv_layer(nn.Conv2d(1, 1, 1)) and tm.nn.is_conv_layer(nn.Conv1d(1, 1, 1))  # every ConvNd
+    assert not tm.nn.is_conv_layer(nn.ConvTranspose2d(1, 1, 1))
     assert not tm.nn.is_conv_layer(nn.Linear(1, 1))
 
 

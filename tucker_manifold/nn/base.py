@@ -5,7 +5,7 @@
 * :class:`FactorizedConv2d`: a :class:`FactorizedLayer` with ``nn.Conv2d``'s geometry, parsed once by
   :func:`parse_conv_args` (one set of ValueErrors for every factorized conv);
   :class:`FactorizedLinear`: one with ``nn.Linear``'s.
-* :func:`is_conv_layer`: a 2-D convolution, dense or factorized (no class-name sniffing).
+* :func:`is_conv_layer`: a convolution, dense or factorized (no class-name sniffing).
 """
 from __future__ import annotations
 
@@ -313,5 +313,6 @@ def is_factorized_layer(module: nn.Module) -> bool:
 
 
 def is_conv_layer(module: nn.Module) -> bool:
-    """True for a 2-D convolution: ``nn.Conv2d`` or a :class:`FactorizedLayer` with ``is_conv``."""
-    return isinstance(module, nn.Conv2d) or (isinstance(module, FactorizedLayer) and module.is_conv)
+    """True for a convolution: ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` or a :class:`FactorizedLayer`
+    with ``is_conv`` (the dense and the factorized form of a layer are accounted alike)."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (isinstance(module, FactorizedLayer) and module.is_conv)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .base import FactorizedLayer, is_conv_layer
+from .conv_nd import TuckerConv1d, TuckerConv3d
 from .layers import TuckerConv2d, TuckerLayer, TuckerLinear, valid_multilinear_ranks
 from .replace import ConversionSummary, Selection, replace_modules
 
@@ -46,8 +47,9 @@ def _check_int_or_tuple(v, name: str, allow_none: bool = False) -> Optional[Unio
         t = tuple(v)
     except TypeError:
         raise ValueError(f"{name} must be an int or a tuple of ints, got {v!r}") from None
-    if len(t) not in (2, 4) or not all(_is_int(a) and a >= 1 for a in t):
-        raise ValueError(f"{name} must be an int >= 1 or a tuple of 2 (linear) / 4 (conv) ints >= 1, got {v!r}")
+    if len(t) not in (2, 3, 4, 5) or not all(_is_int(a) and a >= 1 for a in t):
+        raise ValueError(f"{name} must be an int >= 1 or a tuple of 2 (linear, or a conv's channels) / 3, 4, 5 "
+                         f"(Conv1d, Conv2d, Conv3d) ints >= 1, got {v!r}")
     return t
 
 
@@ -84,13 +86,15 @@ def tuckerize(
     forward_mode: str = "auto",
     return_summary: bool = False,
 ) -> Union[nn.Module, tuple[nn.Module, ConversionSummary]]:
-    """Replace ``nn.Conv2d`` (``groups == 1``, zero padding) and, with ``linear=True``, ``nn.Linear`` modules
-    by :class:`TuckerConv2d` / :class:`TuckerLinear`, in place and recursively; returns ``model`` (or the new
+    """Replace ``nn.Conv2d`` (and ``nn.Conv1d`` / ``nn.Conv3d``; ``groups == 1``, zero padding) and, with
+    ``linear=True``, ``nn.Linear`` modules by :class:`TuckerConv2d` (:class:`~.conv_nd.TuckerConv1d` /
+    :class:`~.conv_nd.TuckerConv3d`) / :class:`TuckerLinear`, in place and recursively; returns ``model`` (or the new
     layer if ``model`` itself is converted), or ``(model, summary)`` with ``return_summary=True``.
 
     Ranks: at most one of
       * ``ranks``: an int (both channel modes; spatial modes full rank) or a tuple ``(r_out, r_in, r_h, r_w)``
-        (linear layers use ``(r_out, r_in)``, the first two entries);
+        (linear layers use ``(r_out, r_in)``, the first two entries; a pair gives a conv's channel ranks;
+        Conv1d / Conv3d take the first 3 / all 5 entries);
       * ``rank_fraction`` in ``(0, 1]``: ``ceil(f n_i)`` for channel modes (all modes with ``adapt="all"``);
       * ``tau >= 0`` (``init="hosvd"`` only): truncated HOSVD by relative tolerance, per adaptive mode the
         smallest rank with ``||sigma_{r+1:}||_2 <= tau ||W||_F``, non-adaptive modes full rank.
@@ -109,7 +113,7 @@ def tuckerize(
     always a typo). Only exact ``nn.Conv2d`` / ``nn.Linear`` are converted (not subclasses); ``Linear``
     children of ``nn.MultiheadAttention`` never (it reads their weight directly).
 
-    What was converted and what was skipped, with the reason (unsupported type such as ``Conv1d``,
+    What was converted and what was skipped, with the reason (unsupported type such as ``ConvTranspose2d``,
     ``groups != 1``, padding mode, ``nn.Linear`` without ``linear=True``, not included, excluded): the
     :class:`~tucker_manifold.nn.replace.ConversionSummary`, returned with ``return_summary=True`` and
     logged at INFO level on the ``tucker_manifold.nn.tuckerize`` logger.
@@ -141,7 +145,7 @@ def tuckerize(
         ranks=ranks, rank_fraction=rank_fraction, tau=tau, init=init, adapt=adapt,
         rank_min=rank_min, rank_max=rank_max, forward_mode=forward_mode,
     )
-    targets: dict[type, type] = {nn.Conv2d: TuckerConv2d}
+    targets: dict[type, type] = {nn.Conv2d: TuckerConv2d, nn.Conv1d: TuckerConv1d, nn.Conv3d: TuckerConv3d}
     hints = {}
     if linear:
         targets[nn.Linear] = TuckerLinear
@@ -172,7 +176,13 @@ def _convert(
         if _is_int(ranks):
             r = [ranks, ranks] + list(shape[2:])
         else:
-            r = list(ranks[:2]) + list(shape[2:]) if (order == 4 and len(ranks) == 2) else list(ranks[:order])
+            if order > 2 and len(ranks) == 2:  # a conv's channel ranks; spatial modes full
+                r = list(ranks) + list(shape[2:])
+            elif len(ranks) >= order:
+                r = list(ranks[:order])
+            else:
+                raise ValueError(f"ranks {tuple(ranks)} has fewer entries than the {order}-way weight of a "
+                                 f"{type(m).__name__}: give an int, 2 channel ranks or {order} ranks")
     else:
         fractional = [True, True] + [adapt == "all"] * (order - 2)
         # round() guards against 0.1 * 30 = 3.0000000000000004 -> 4.
