@@ -370,7 +370,7 @@ def test_torch_optim_and_geoopt_train_the_same_parameter():
         loss = F.cross_entropy(m(x), y)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     # geoopt needs a full-rank core (init_scale > 0): its factor gradient has (Mat_i(C) Mat_i(C)^T)^{-1}
     g = _model()
@@ -382,7 +382,7 @@ def test_torch_optim_and_geoopt_train_the_same_parameter():
         loss = F.cross_entropy(g(x), y)
         loss.backward()
         ropt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     for p in adapters.adapter_parameters(g):
         _, factors = p.manifold.unpack(p.detach())
@@ -630,3 +630,26 @@ def test_peft_get_peft_model_round_trip(tmp_path):
     merged = pm.merge_and_unload()
     assert type(merged.bert.encoder.layer[1].attention.self.value) is nn.Linear
     torch.testing.assert_close(merged(ids, mask).detach(), out, rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------ demo building blocks
+@pytest.mark.parametrize("conv_kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))])
+def test_flat_kernel_lora_is_conv_with_its_kernel(conv_kwargs):
+    from tucker_manifold.adapters.conv_demo import FlatKernelLoRAConv2d, flat_rank_for, lora_count
+
+    torch.manual_seed(0)
+    base = nn.Conv2d(5, 7, **conv_kwargs).double()
+    flat = FlatKernelLoRAConv2d(base, rank=3, alpha=6.0)
+    x = torch.randn(2, 5, 9, 8, dtype=torch.float64)
+    torch.testing.assert_close(flat(x), base(x), rtol=0, atol=0)  # B = 0 at init
+    with torch.no_grad():
+        flat.lora_B.normal_()
+    dense = nn.Conv2d(5, 7, **conv_kwargs).double()
+    with torch.no_grad():
+        dense.weight.copy_(base.weight + flat.delta_weight())
+        dense.bias.copy_(base.bias)
+    torch.testing.assert_close(flat(x), dense(x), rtol=0, atol=1e-11)
+    assert float((flat(x) - base(x)).abs().max().detach()) > 1e-2
+    c = nn.Conv2d(64, 64, 3)
+    r = flat_rank_for(c, 4)
+    assert r * (64 * 3 + 64 * 3) <= lora_count(c, 4) < (r + 1) * (64 * 3 + 64 * 3)

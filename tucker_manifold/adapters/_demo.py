@@ -17,7 +17,7 @@ import torch
 from ..outputs import new_figure, output_dir, save_figure, write_csv, write_json
 
 __all__ = ["summarize", "markdown_table", "plot_accuracy_vs_params", "write_outputs", "rank_summary",
-           "progress_bar", "log_to_stdout", "replayed_step", "optimizer_class"]
+           "show_bar", "progress_bar", "log_to_stdout", "replayed_step", "optimizer_class"]
 
 RUN_COLUMNS = ["method", "seed", "test_acc", "test_loss", "train_loss", "trainable_params", "effective_params",
                "time_per_epoch_s", "epochs", "wall_s", "ranks"]
@@ -110,6 +110,16 @@ def write_outputs(out: Path | str, rows: list[dict], setting: dict, title: str, 
     except ImportError as e:  # matplotlib is optional
         logging.getLogger(__name__).info("no plot: %s", e)
     return {"paths": paths, "summary": summary, "table": table}
+
+
+def show_bar(progress: Optional[bool]) -> bool:
+    """``progress`` if given, else whether stderr (where the bar goes) is a terminal."""
+    if progress is not None:
+        return bool(progress)
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def progress_bar(iterable: Iterable, total: int, desc: str, show: bool):
