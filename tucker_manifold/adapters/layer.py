@@ -124,8 +124,6 @@ class TuckerDelta(nn.Module):
             core = torch.zeros(ranks, dtype=work, device=w.device)
         packed = manifold.pack(core, factors).to(w.dtype)
         self.dw = make_tucker_parameter(packed, manifold, bounds)
-        # The optimizer in use today reads these attributes (the contract's ``bounds`` supersedes them).
-        self.dw.rank_min, self.dw.rank_max, self.dw.adaptive_modes = bounds.rmin, bounds.rmax, bounds.adaptive
         self.register_buffer("tucker_ranks", torch.tensor(ranks, dtype=torch.int64, device=w.device))
 
     @staticmethod
@@ -150,7 +148,7 @@ class TuckerDelta(nn.Module):
         ``core_grad_only``, everything detached with ``detach=True``)."""
         p = self.dw
         core, factors = p.manifold.unpack(p.detach() if detach else p)
-        if not detach and (not factor_grads_wanted(p) or getattr(p, "core_grad_only", False)):
+        if not detach and not factor_grads_wanted(p):
             factors = [f.detach() for f in factors]
         return core, list(factors)
 
