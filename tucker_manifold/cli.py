@@ -14,6 +14,7 @@ Progress: a bar on a terminal, one line per epoch on stdout in every case (``--n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -42,6 +43,8 @@ from .experiments import (
     run_experiment,
     summarize,
 )
+from .amp import PRECISIONS
+from .experiments.launch import current, env_world_size, init_from_env, launch, shutdown
 from .models import MODEL_NAMES
 
 PROG = "tucker-manifold"
@@ -131,7 +134,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help=f"L2 weight decay (default: {d.weight_decay})")
     g.add_argument("--epochs", type=_int_at_least("--epochs", 1), default=None, help="epochs (default: preset)")
     g.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=None,
-                   help=f"batch size (default: {d.batch_size})")
+                   help=f"batch size, the global one with --nproc (default: {d.batch_size})")
     g.add_argument("--schedule", choices=("constant", "cosine"), default=None,
                    help=f"learning-rate schedule over the run (default: {d.schedule}, to 0 at the last epoch)")
     g.add_argument("--init", choices=("hosvd", "random"), default=None,
@@ -147,6 +150,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank-every", type=_int_at_least("--rank-every", 1), default=None,
                    help=f"record the ranks every N steps for ranks.json / ranks.png (default: {d.rank_every})")
     g.add_argument("--quick", action="store_true", help="small preset: fewer images and epochs")
+    g.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help=f"autocast forward/backward: fp32, bf16 or fp16 (with a loss scaler); parameters and "
+                        f"TDLRT's QR/SVD stay fp32 (default: {d.precision})")
+    g.add_argument("--nproc", type=_int_at_least("--nproc", 1), default=None,
+                   help="data-parallel processes on this machine (starts torchrun; the same as "
+                        "'torchrun --nproc-per-node N -m tucker_manifold.cli ...'). --batch-size is the global "
+                        "batch (each process takes batch-size / N); only rank 0 writes. CPU: gloo; "
+                        "--device cuda: NCCL, one GPU per process")
+    g.add_argument("--sync-bn", action="store_const", const=True, default=None,
+                   help="with several processes: nn.SyncBatchNorm (GPUs only); default: per-process batch "
+                        "statistics, running statistics averaged at every epoch end")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bar (the bar is drawn on a terminal only; one line per epoch either way)")
 
@@ -316,7 +330,7 @@ def cmd_train(args) -> int:
     if args.resume:
         ckpt = _read_resume(out, cfg.epochs)
         _check_resume_matches(ckpt, args)
-    elif (out / CHECKPOINT_NAME).is_file():
+    elif (out / CHECKPOINT_NAME).is_file() and current().is_main:
         print(f"note: overwriting the run in {out} (use --resume to continue it)", file=sys.stderr)
     t0 = time.perf_counter()
     m = run_experiment(cfg, out, resume=ckpt if ckpt is not None else False,
@@ -406,6 +420,19 @@ def cmd_bench(args, extra: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------ entry point
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N`` (what each torchrun process is given)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def _error(msg: str) -> int:
     print(f"{PROG}: error: {msg}", file=sys.stderr)
     return 2
@@ -425,6 +452,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and env_world_size() == 1 and nproc > 1:  # start torchrun, which runs this again
+        return launch(nproc, _without_nproc(argv))
+    if nproc is not None and env_world_size() > 1 and nproc != env_world_size():
+        return _error(f"--nproc {nproc} under torchrun with WORLD_SIZE={env_world_size()}: drop --nproc")
     debug = os.environ.get("TUCKER_MANIFOLD_DEBUG", "") not in ("", "0")
     threads = getattr(args, "threads", None)
     old_threads = None
@@ -435,6 +467,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    distributed = args.command in ("train", "compare") and env_world_size() > 1
     try:
         if threads:
             import torch
@@ -443,6 +476,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.set_num_threads(threads)
         if args.command in ("check", "bench"):
             return args.func(args, extra)
+        if distributed:  # under torchrun: gloo / NCCL from its environment; rank 0 alone prints and logs
+            if not init_from_env(args.device or DEFAULTS.device).is_main:
+                log.removeHandler(handler)
+                with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                    return args.func(args)
         return args.func(args)
     except CLIError as e:
         return _error(str(e))
@@ -465,6 +503,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     finally:
+        if distributed:
+            shutdown()
         log.removeHandler(handler)
         log.setLevel(old_level)
         if old_threads is not None:  # main() may run in-process (tests, notebooks): leave no trace

@@ -295,7 +295,10 @@ def augmented_core_gradient(records: Iterable, factors: Sequence[torch.Tensor]) 
             continue
         # The heavy products run in the layer's dtype, as its forward does; the sum in the bases' dtype.
         fs = [f.to(rec.gy.dtype) for f in factors]
-        g = layer_core_gradient(rec.layer, rec.x, rec.gy, fs).to(factors[0].dtype)
+        # Under autocast a layer fed float32 (the first one) answers in the autocast dtype: its forward
+        # ran on the input cast to that dtype, so the record is computed on that cast too.
+        x = rec.x.to(rec.gy.dtype) if rec.x is not None and rec.x.is_floating_point() else rec.x
+        g = layer_core_gradient(rec.layer, x, rec.gy, fs).to(factors[0].dtype)
         total = g if total is None else total + g
     return total
 

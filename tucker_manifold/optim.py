@@ -73,6 +73,7 @@ import torch
 import torch.distributed as dist
 from geoopt import ManifoldParameter
 
+from .amp import unscale_grads_, unscaled
 from .distributed import average_gradients, check_replicas_identical, world_size
 from .flow import Truncation, augment_bases, augment_tucker_bases, lift, truncate_core
 from .budget import (
@@ -296,6 +297,11 @@ class TDLRT(torch.optim.Optimizer):
     (one-pass ``dL/dC^``), :meth:`_core_step`, :meth:`_truncate` (all parameters at once),
     :meth:`_dense_step` or :meth:`_rollback`.
     """
+
+    #: torch's protocol for optimizers that unscale themselves: a GradScaler sets ``grad_scale`` for the
+    #: step, and the gradients AND the core gradients rebuilt from (scaled) records are divided by it
+    #: (:mod:`tucker_manifold.amp`); an overflow then takes the usual skip (rollback, state untouched).
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -529,6 +535,7 @@ class TDLRT(torch.optim.Optimizer):
     ) -> tuple[Optional[torch.Tensor], bool]:
         """Average the gradients of ``params`` over the process group (one all-reduce; nothing without a
         group) and say whether the loss and every gradient are finite (on every rank)."""
+        unscale_grads_(self, params)  # under a GradScaler (fp16): once per gradient evaluation
         if self.process_group is not None:
             return average_gradients(list(params), self.process_group, loss)
         flags = [torch.isfinite(loss).all()] if loss is not None else []
@@ -573,7 +580,7 @@ class TDLRT(torch.optim.Optimizer):
                        "M.to_dense(p) does not)")
             else:
                 try:
-                    g = augmented_core_gradient(recs, plan.bases)
+                    g = unscaled(self, augmented_core_gradient(recs, plan.bases))  # records hold scaled dL/dy
                 except (RuntimeError, ValueError) as e:
                     why = str(e)
             local.append(g)

@@ -86,6 +86,10 @@ def mode_dot(tensor: torch.Tensor, matrix: torch.Tensor, mode: int, batch_ndim: 
     """
     axis = batch_ndim + mode
     if matrix.ndim == 2:
+        if matrix.dtype != tensor.dtype and torch.is_autocast_enabled(tensor.device.type):
+            # Under autocast an earlier product came back in the autocast dtype: tensordot wants equal
+            # dtypes (its inner matmul is autocast to the low precision either way).
+            matrix = matrix.to(tensor.dtype)
         # tensordot puts the new index last; move it back into place.
         out = torch.tensordot(tensor, matrix, dims=([axis], [1]))
         return torch.movedim(out, -1, axis)

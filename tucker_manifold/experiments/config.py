@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..amp import check_precision
+
 __all__ = [
     "TrainConfig",
     "DEFAULTS",
@@ -108,6 +110,8 @@ class TrainConfig:
     image_size: Optional[int] = None
     schedule: str = "cosine"
     rank_every: int = 10
+    precision: str = "fp32"  # autocast forward/backward: fp32, bf16, fp16 (with a GradScaler); tucker_manifold.amp
+    sync_bn: bool = False  # data parallel: nn.SyncBatchNorm (GPUs only); else per-rank statistics (see .launch)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -144,6 +148,9 @@ class TrainConfig:
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         resolve_device(self.device)
+        check_precision(self.precision)
+        if not isinstance(self.sync_bn, bool):
+            raise ValueError(f"sync_bn must be True or False, got {self.sync_bn!r}")
         return self
 
 

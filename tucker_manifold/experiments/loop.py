@@ -11,6 +11,7 @@ shuffling generator and changed every later epoch's order).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -22,7 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import compression_rate
+from ..amp import MixedPrecision
+from ..distributed import average_gradients, check_replicas_identical
 from .accounting import layer_ranks, rank_summary
+from .launch import all_reduce_sums, attach_process_group, average_bn_statistics, replica_tensors
 
 __all__ = ["train", "evaluate", "show_progress", "frozen_bn_stats"]
 
@@ -30,21 +34,26 @@ logger = logging.getLogger("tucker_manifold.experiments")
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu") -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu", *,
+             process_group: Any = None, precision: Optional[MixedPrecision] = None) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` over ``loader`` (eval mode; the mode is restored).
-    ``(nan, nan)`` for an empty loader."""
+    ``(nan, nan)`` for an empty loader. ``process_group``: ``loader`` is this rank's share and the sums
+    are all-reduced (every rank gets the whole set's numbers). ``precision``: its autocast."""
     was_training = model.training
     model.eval()
     total, loss_sum, correct = 0, 0.0, 0
     try:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            out = model(x)
+            with precision.autocast() if precision is not None else contextlib.nullcontext():
+                out = model(x)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
             total += y.numel()
     finally:
         model.train(was_training)
+    if process_group is not None:
+        loss_sum, correct, total = all_reduce_sums([loss_sum, correct, total], process_group, device)
     if total == 0:
         return float("nan"), float("nan")
     return loss_sum / total, correct / total
@@ -108,6 +117,8 @@ def train(
     rank_trace: Optional[list[dict]] = None,
     rank_every: int = 10,
     loss_fn: Callable = F.cross_entropy,
+    precision: Optional[MixedPrecision] = None,
+    process_group: Any = None,
 ) -> list[dict]:
     """Train for epochs ``start_epoch + 1 .. epochs`` (``epochs`` is the total, so a resumed run passes
     the epochs already done as ``start_epoch``) and return ``history`` with one row per epoch appended:
@@ -124,6 +135,14 @@ def train(
     BatchNorm running statistics are updated once per step whatever the optimizer: TDLRT's second
     forward evaluates the same network (the lift is exact) on the same batch, and letting it update the
     statistics again would double their momentum for TDLRT only.
+
+    ``precision``: a :class:`~tucker_manifold.amp.MixedPrecision` (autocast forward and evaluation,
+    scaled backward and step for fp16; default fp32). ``process_group``: data parallel over the group
+    (:mod:`.launch`): ``train_loader`` / ``test_loader`` are this rank's shares (a sampler with
+    ``set_epoch`` is re-seeded every epoch), TDLRT-family optimizers get the group and average their own
+    gradients, every other optimizer's are averaged here after each backward (one all-reduce), and at
+    each epoch end the train metrics are summed and the BatchNorm running statistics averaged over
+    the ranks.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
@@ -141,11 +160,18 @@ def train(
         rank_trace.append({"step": global_step, "epoch": float(start_epoch), "ranks": layer_ranks(model)})
     bn_layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     draw_bar = show_progress(progress)
+    amp = precision if precision is not None else MixedPrecision("fp32", device)
+    # TDLRT averages its own gradients (in every pass, and its one-pass core gradients); others here
+    loop_averages = process_group is not None and not attach_process_group(optimizer, process_group)
+    all_params = [p for g in optimizer.param_groups for p in g["params"]]
+    sampler = getattr(train_loader, "sampler", None)
 
     for epoch in range(start_epoch + 1, epochs + 1):
         model.train()
         t0 = time.perf_counter()
         loss_sum, correct, total = 0.0, 0, 0
+        if callable(getattr(sampler, "set_epoch", None)):  # DistributedSampler: the epoch's permutation
+            sampler.set_epoch(epoch - 1)
         batches = iter(train_loader)  # the epoch's only iter(): it draws the shuffle from the loader's generator
         bar = _bar(batches, n_batches, f"epoch {epoch}/{epochs}") if draw_bar else None
         for i, (x, y) in enumerate(bar if bar is not None else batches):
@@ -156,15 +182,18 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 # a second evaluation in the same step (TDLRT's pass 2) leaves BatchNorm's statistics alone
                 with frozen_bn_stats(bn_layers if first else ()):
-                    out = model(x)
-                    loss = loss_fn(out, y)
-                    loss.backward()  # before the restore: autograd saved the statistics' versions
+                    with amp.autocast():
+                        out = model(x)
+                        loss = loss_fn(out, y)
+                    amp.backward(loss)  # before the restore: autograd saved the statistics' versions
+                if loop_averages:
+                    average_gradients(all_params, process_group)
                 if not first:  # statistics of the pre-update forward (TDLRT's pass 1)
                     first["loss"] = loss.detach()
                     first["correct"] = (out.detach().argmax(1) == y).sum()
                 return loss
 
-            optimizer.step(closure)
+            amp.step(optimizer, closure)
             global_step += 1
             bs = y.numel()
             loss_v = float(first["loss"])
@@ -187,8 +216,13 @@ def train(
         lr = float(optimizer.param_groups[0]["lr"])
         if scheduler is not None:
             scheduler.step()
+        if process_group is not None:  # one model and one history on every rank
+            loss_sum, correct, total = all_reduce_sums([loss_sum, correct, total], process_group, device)
+            average_bn_statistics(model, process_group)
+            check_replicas_identical(replica_tensors(model), process_group)  # raises if they drifted
         t1 = time.perf_counter()
-        test_loss, test_acc = evaluate(model, test_loader, device) if test_loader is not None else (float("nan"),) * 2
+        test_loss, test_acc = (evaluate(model, test_loader, device, process_group=process_group, precision=amp)
+                               if test_loader is not None else (float("nan"),) * 2)
         eval_time = time.perf_counter() - t1
         comp = compression_rate(model)
         ranks_now = layer_ranks(model)
@@ -205,7 +239,7 @@ def train(
             ranks=ranks_now,
             epoch_time_s=epoch_time,
             eval_time_s=eval_time,
-            skipped_steps=int(getattr(optimizer, "skipped_steps", 0)),
+            skipped_steps=int(getattr(optimizer, "skipped_steps", 0)) + amp.skipped_steps,
             lr=lr,
         )
         history.append(row)

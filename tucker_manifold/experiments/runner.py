@@ -25,9 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..amp import MixedPrecision
+from ..distributed import check_replicas_identical
 from ..outputs import write_json
 from .checkpoints import CHECKPOINT_NAME, Checkpoint, read_checkpoint, save_checkpoint
 from .config import DEFAULT_COMPARE_METHODS, DEFAULT_COMPARE_TAUS, REFERENCE_METHOD, TrainConfig, check_tau
+from .launch import convert_sync_bn, current, distributed_loaders, replica_tensors
 from .loop import train
 from .methods import build_method, get_method
 from .reports import final_metrics, plot_ranks, write_history_csv, write_results
@@ -98,6 +101,12 @@ def setup_run(cfg: TrainConfig, bundle=None):
         total = cfg.epochs
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1.0 + math.cos(math.pi * min(e, total) / total)))
     train_loader, test_loader = make_loaders(bundle, cfg.batch_size, seed=cfg.seed)
+    ctx = current()
+    if ctx.enabled:  # under torchrun: this rank's shares of the global batch and test set (launch.py)
+        train_loader, test_loader = distributed_loaders(bundle, cfg.batch_size, cfg.seed, ctx)
+        if cfg.sync_bn:
+            model = convert_sync_bn(model, cfg.device, ctx.group)
+        check_replicas_identical(replica_tensors(model), ctx.group)  # same seed, same model on every rank
     return model, opt, sched, train_loader, test_loader, bundle
 
 
@@ -146,6 +155,7 @@ def run_experiment(
     """
     cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else copy.deepcopy(cfg)
     cfg.validate()
+    ctx = current()  # data parallel under torchrun: every rank trains, rank 0 alone writes (launch.py)
     out_dir = _out_dir(out)
     ckpt = _resume_checkpoint(resume, out_dir)
     if ckpt is not None:
@@ -155,6 +165,7 @@ def run_experiment(
             raise ValueError(f"epochs={cfg.epochs}: the checkpoint already has {ckpt.epoch} epoch(s); "
                              f"pass epochs > {ckpt.epoch} to train further")
     model, opt, sched, train_loader, test_loader, bundle = setup_run(cfg, bundle)
+    amp = MixedPrecision(cfg.precision, cfg.device)
     history: list[dict] = []
     rank_trace: list[dict] = []
     start_epoch = 0
@@ -162,29 +173,35 @@ def run_experiment(
         ckpt.restore(model, opt, scheduler=sched, loader=train_loader)
         start_epoch, history = ckpt.epoch, list(ckpt.history or [])
         rank_trace = list((ckpt.extra or {}).get("rank_trace", []))
+        if ((ckpt.extra or {}).get("amp") or {}).get("precision") == cfg.precision:
+            amp.load_state_dict(ckpt.extra["amp"])  # the fp16 loss scale goes on where it was
         if sched is not None:
             # the saved learning rate belongs to the old total; recompute it for the current one
             for g, base, lam in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
                 g["lr"] = base * lam(sched.last_epoch)
 
     def save(row: dict) -> None:
-        if out_dir is not None:
+        if out_dir is not None and ctx.is_main:
             save_checkpoint(out_dir / CHECKPOINT_NAME, model, opt, row["epoch"], history, cfg.to_dict(),
-                            scheduler=sched, loader=train_loader, extra={"rank_trace": rank_trace})
+                            scheduler=sched, loader=train_loader,
+                            extra={"rank_trace": rank_trace, "amp": amp.state_dict(), "world_size": ctx.world_size})
 
-    train(model, opt, train_loader, test_loader, cfg.epochs, cfg.device, progress=progress, callback=save,
-          start_epoch=start_epoch, history=history, scheduler=sched, rank_trace=rank_trace,
-          rank_every=cfg.rank_every)
+    train(model, opt, train_loader, test_loader, cfg.epochs, cfg.device,
+          progress=progress if ctx.is_main else False, callback=save, start_epoch=start_epoch, history=history,
+          scheduler=sched, rank_trace=rank_trace, rank_every=cfg.rank_every, precision=amp,
+          process_group=ctx.group)
     metrics = final_metrics(history, cfg, model, extra={
         "dataset": bundle.name, "n_train": len(bundle.y_train), "n_test": len(bundle.y_test),
-        "torch": torch.__version__, "threads": torch.get_num_threads()})
-    if out_dir is not None:
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": ctx.world_size})
+    if out_dir is not None and ctx.is_main:
         write_json(out_dir / "metrics.json", metrics)
         write_history_csv(out_dir / "history.csv", history)
         write_json(out_dir / "ranks.json", rank_trace)
         if plot:
             title = f"{cfg.model} / {cfg.method}" + (f" (tau={cfg.tau:g})" if get_method(cfg.method).adaptive else "")
             plot_ranks(rank_trace, out_dir / "ranks.png", title=title)
+    if ctx.enabled:  # every rank returns once rank 0's files are complete (a resume may read them next)
+        torch.distributed.barrier(ctx.group)
     return RunResult(metrics, model, history, rank_trace)
 
 
@@ -299,6 +316,6 @@ def compare_methods(
         logger.info("[%6.0fs] %s: test acc %.4f, conv compression %.1f%%, %.1fs/epoch (%s)",
                     time.perf_counter() - t_start, run.tag, row["test_acc"], 100 * row["conv_compression"],
                     row["time_per_epoch_s"], how)
-    if out_dir is not None:
+    if out_dir is not None and current().is_main:
         write_results(out_dir, rows, base, len(seed_list))
     return rows
