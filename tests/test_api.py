@@ -1,4 +1,4 @@
-"""The public API exactly as DESIGN.md's "API contract" writes it, through ``import tucker_manifold as tm``.
+"""The public API contract of docs/api.md, exercised through ``import tucker_manifold as tm``.
 
 Every name of the contract that exists today is used here and checked against a number or a shape.
 Not yet covered (built by other helpers; the coordinator adds them here when they land — they are left

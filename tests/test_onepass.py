@@ -1,4 +1,4 @@
-"""One backward pass per TDLRT step (issue 11): research/parallel.md checked numerically, the layer-local
+"""One backward pass per TDLRT step (issue 11): docs/one_pass.md checked numerically, the layer-local
 augmented-core gradients against autograd, the capture API, and a single-pass prototype against the
 two-pass TDLRT iterates. All float64 unless a test says otherwise."""
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _rel(a, b):
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
-# ============================================================================ parallel.md, section 3-4
+# ============================================================================ docs/one_pass.md §3-4
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("shape,ranks", CASES, ids=IDS)
 def test_augmented_core_gradient_is_autograd_at_lifted_point(shape, ranks, seed):
@@ -163,7 +163,7 @@ def test_broken_maskings_are_not_the_riemannian_step(shape, ranks, seed):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("shape,ranks", CASES, ids=IDS)
 def test_mode_blocks_equal_the_triangular_solve_form(shape, ranks, seed):
-    """parallel.md §3: the mode-i block is Fold_i(U~_i^T grad_{U_i} L R_i^{-1} Q_i^T)
+    """docs/one_pass.md §3: the mode-i block is Fold_i(U~_i^T grad_{U_i} L R_i^{-1} Q_i^T)
     = Fold_i(U~_i^T Mat_i(G x_{j!=i} U_j^T) Q_i Q_i^T) (R_i^{-1} by a triangular solve)."""
     c = _setup(shape, ranks, seed)
     core, bases, factors = c["core"], c["bases"], c["factors"]
@@ -184,7 +184,7 @@ def test_mode_blocks_equal_the_triangular_solve_form(shape, ranks, seed):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("shape,ranks", CASES, ids=IDS)
 def test_two_pass_tdlrt_step_is_not_the_tangent_step(shape, ranks, seed):
-    """parallel.md §3: the TDLRT step (unmasked dL/dC^) also moves outside the tangent space."""
+    """docs/one_pass.md §3: the TDLRT step (unmasked dL/dC^) also moves outside the tangent space."""
     c = _setup(shape, ranks, seed)
     lifted = lift_core(c["core"], c["factors"], c["bases"])
     y = c["m"].to_dense(c["x"])
@@ -210,7 +210,7 @@ def test_matrix_case_is_geolora(seed):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("shape,ranks", [((10, 3), (2, 2)), ((12, 5), (4, 4))])
 def test_trimmed_augmentation_breaks_the_tangent_step(shape, ranks, seed):
-    """Correction to parallel.md: TDLRT trims the augmented sizes to a valid multilinear rank (here
+    """docs/one_pass.md §4, correction 1: TDLRT trims the augmented sizes to a valid multilinear rank (here
     mode 1 loses new columns). Untrimmed, the masked step is Y - h P(Y) G; trimmed, it is not. The
     parallel step must therefore lift into UNtrimmed bases (its lifted core is never a point)."""
     c = _setup(shape, ranks, seed)
@@ -226,7 +226,7 @@ def test_trimmed_augmentation_breaks_the_tangent_step(shape, ranks, seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_truncated_core_is_not_all_orthogonal(seed):
-    """Correction to parallel.md: after a truncation that cuts two or more modes, Mat_i(C) Mat_i(C)^T is
+    """docs/one_pass.md §4, correction 2: after a truncation that cuts two or more modes, Mat_i(C) Mat_i(C)^T is
     NOT diagonal for d >= 3 (a sub-block of an all-orthogonal core is not all-orthogonal), so R_i can
     not be taken diagonal. It is for d = 2, or when nothing is cut."""
     torch.manual_seed(seed)
@@ -250,7 +250,7 @@ def test_truncated_core_is_not_all_orthogonal(seed):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("shape,ranks", CASES, ids=IDS)
 def test_parallel_step_descends_on_a_quadratic(shape, ranks, seed):
-    """parallel.md item 2 on L = 0.5 ||W - A||^2 (1-smooth): before truncation the loss changes by exactly
+    """docs/one_pass.md §4, item 2, on L = 0.5 ||W - A||^2 (1-smooth): before truncation the loss changes by exactly
     -h (1 - h/2) ||P G||^2, a decrease for every h < 2 (so for h <= 1/L)."""
     torch.manual_seed(seed)
     m = FixedRankTucker(shape, ranks)
@@ -343,7 +343,7 @@ def _parallel_step(core, factors, grad, proj=None):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("dtype,smin,bound", [(torch.float64, 1e-8, 1e-7), (torch.float32, 1e-4, 2e-3)])
 def test_parallel_step_with_small_singular_values(seed, dtype, smin, bound):
-    """parallel.md item 4: core spectra down to 1e-8 (float64) / 1e-4 (float32): the step is finite and
+    """docs/one_pass.md §4, item 5: core spectra down to 1e-8 (float64) / 1e-4 (float32): the step is finite and
     within ~ eps cond(Mat_i C) of the exact one (measured 1e-9..5e-9 and 1e-4..2e-4, relative to the
     step; the triangular-solve form of §3 measures the same, so the masking is not more accurate)."""
     core, factors, grad, proj = _diagonal_case(seed, smin)

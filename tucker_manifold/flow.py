@@ -1,6 +1,6 @@
 """The reparametrized Dirac-Frenkel flow of TDLRT, as pure functions.
 
-Notation (research/paper.md §1-3): ``W = C x_j U_j`` with orthonormal ``U_j``; ``Mat_i`` is the
+Notation (docs/geometry.md §1; docs/tdlrt.md §2-4): ``W = C x_j U_j`` with orthonormal ``U_j``; ``Mat_i`` is the
 mode-``i`` unfolding (tensorly convention, see :mod:`tucker_manifold.tucker`).
 
 * Theorem 2.1 (reparametrization): ``Mat_i(C)^T = Q_i S_i``, ``V_i = (kron_{j!=i} U_j) Q_i``,

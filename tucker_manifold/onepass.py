@@ -3,7 +3,7 @@
 TDLRT's second pass runs at the lifted point ``(C^, U^)``, where (the lift being exact) every layer
 computes the same function as at ``(C, U)``: every activation and every gradient with respect to a
 layer's output is the same in both passes. Only a Tucker layer's own parameter gradient differs, and
-it is local to the layer (research/parallel.md §4):
+it is local to the layer (docs/one_pass.md §1-2):
 
     dL/dC^ = dL/dW x_j U^_j^T,
 
@@ -328,7 +328,7 @@ def parallel_core_gradient_from_factors(
     bases: Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """The masked gradient of :func:`parallel_core_gradient` from one backward's autograd gradients
-    alone, with no layer records (research/parallel.md §3):
+    alone, with no layer records (docs/one_pass.md §3):
 
     * ``B_{}`` = ``core_grad`` ``(r_1..r_d)``;
     * ``B_{i}`` = ``Fold_i(U~_i^T G_i R_i^{-1} Q_i^T)`` with ``G_i = factor_grads[i] (n_i, r_i)``,
