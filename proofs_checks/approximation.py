@@ -1,6 +1,6 @@
 """Theorem 3.3 (approximation of the full gradient flow) and robustness to small singular values.
 
-Checked form (reconstructed, research/paper.md §4.4; constants not recoverable):
+Checked form (reconstructed, docs/theorems.md §4; constants not recoverable):
 
     ||W(t_k) - Y_k||_F <= c1 eps + c2 h + c3 theta / h,   constants independent of sigma_min(Mat_i(C)),
 

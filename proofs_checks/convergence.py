@@ -6,7 +6,7 @@ Setting: the Tucker tensor regression of :class:`proofs_checks.common.TensorRegr
 ``tau_t = tau0 / (1 + t)^2`` (absolute ``theta_t = tau_t ||C^_{t+1}||``, logged per step), over several
 seeds. ``g_t = ||P(Y_t) grad L_full(Y_t)||^2`` is computed densely from the *full-batch* gradient.
 
-Checked form (reconstructed, research/paper.md §4.3; the paper's statement and constants are not
+Checked form (reconstructed, docs/theorems.md §3; the paper's statement and constants are not
 recoverable): with ``w_t = h_t (1 - L h_t / 2)`` and ``E`` the mean over seeds, for every horizon ``T``
 
     sum_{t<T} w_t E g_t / sum_{t<T} w_t

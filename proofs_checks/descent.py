@@ -1,6 +1,6 @@
 """Theorem 3.1 (local descent), checked step by step on full-batch TDLRT with a plain SGD base rule.
 
-Checked form (the reconstructed bound of research/paper.md §4.2; the paper's constants are not
+Checked form (the reconstructed bound of docs/theorems.md §2; the paper's constants are not
 recoverable): for a step size ``h <= 1/L``
 
     L(Y_{t+1}) - L(Y_t) <= -h (1 - L h / 2) ||P(Y_t) grad L(Y_t)||^2 + B eta_t          (P form)

@@ -1,6 +1,6 @@
 """Figure 2 of the paper: robustness of TDLRT to ill-conditioned, over-estimated-rank initializations.
 
-Setup (research/paper.md §5, reproduction recipe; the paper's exact setup is unknown):
+Setup (docs/theorems.md §5, reproduction recipe; the paper's exact setup is unknown):
 
 * LeNet5 on MNIST, 28x28 (``load_dataset("mnist", subset=4000)``: 4000 training / 1000 test images).
   Its two conv layers are factorized at a deliberately LARGE rank (FC layers and biases stay dense):
