@@ -40,6 +40,7 @@ from .config import (
 from .loop import evaluate, frozen_bn_stats, show_progress, train
 from .methods import (
     DEFAULT_FIXED_RANK_FRACTION,
+    DEFAULT_SPARSITY,
     DEFAULT_TDLRT_RANK_FRACTION,
     BuildOptions,
     Method,
@@ -47,6 +48,8 @@ from .methods import (
     get_method,
     match_layer_budgets,
     match_rank_fraction,
+    match_sparsity,
+    match_tt_budgets,
     method_names,
     register_method,
     sgd,
@@ -57,6 +60,7 @@ from .runner import (
     build_dense,
     compare_methods,
     load_data,
+    prepare_batch,
     reference_method,
     run_experiment,
     seed_everything,
@@ -68,11 +72,12 @@ __all__ = [
     "resolve_device",
     "BuildOptions", "Method", "register_method", "get_method", "method_names", "build_method", "sgd",
     "match_rank_fraction", "match_layer_budgets", "DEFAULT_TDLRT_RANK_FRACTION", "DEFAULT_FIXED_RANK_FRACTION",
+    "DEFAULT_SPARSITY", "match_sparsity", "match_tt_budgets",
     "train", "evaluate", "show_progress", "frozen_bn_stats",
     "CHECKPOINT_NAME", "Checkpoint", "CheckpointError", "save_checkpoint", "read_checkpoint", "load_checkpoint",
     "layer_ranks", "conv_parameter_counts", "tucker_conv_count", "match_tucker_rank_fraction",
     "match_budget_ranks",
     "final_metrics", "summarize", "markdown_table", "write_results", "plot_ranks", "plot_accuracy_vs_compression",
-    "RunResult", "seed_everything", "load_data", "build_dense", "setup_run", "run_experiment", "compare_methods",
+    "RunResult", "seed_everything", "load_data", "prepare_batch", "build_dense", "setup_run", "run_experiment", "compare_methods",
     "reference_method",
 ]

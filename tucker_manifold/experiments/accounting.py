@@ -6,6 +6,7 @@ import math
 import statistics
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from ..nn import is_conv_layer, is_factorized_layer
@@ -30,12 +31,15 @@ def layer_ranks(model: nn.Module) -> dict[str, list[int]]:
 
 def conv_parameter_counts(model: nn.Module) -> dict[str, int]:
     """``{qualified name: weight parameters}`` of every (factorized) convolution, biases excluded
-    (what :func:`match_budget_ranks` budgets)."""
-    return {
-        name: sum(p.numel() for n, p in m.named_parameters() if n != "bias")
-        for name, m in model.named_modules()
-        if is_conv_layer(m)
-    }
+    (what :func:`match_budget_ranks` budgets); a pruned weight counts its nonzero entries."""
+    from ..pruning import is_pruned
+
+    def count(m: nn.Module) -> int:
+        if is_pruned(m):
+            return int(torch.count_nonzero(m.weight_orig.detach() * m.weight_mask))
+        return sum(p.numel() for n, p in m.named_parameters() if n != "bias")
+
+    return {name: count(m) for name, m in model.named_modules() if is_conv_layer(m)}
 
 
 def rank_summary(ranks: dict[str, list[int]], first: int = 3) -> str:

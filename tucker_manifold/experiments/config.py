@@ -25,6 +25,7 @@ __all__ = [
     "check_tau",
     "check_rank",
     "check_rank_fraction",
+    "check_sparsity",
 ]
 
 
@@ -52,6 +53,15 @@ def check_rank_fraction(f: Any, name: str = "rank_fraction") -> Optional[float]:
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f <= 1):
         raise ValueError(f"{name} must be a number in (0, 1], got {f!r}")
     return float(f)
+
+
+def check_sparsity(s: Any, name: str = "sparsity") -> Optional[float]:
+    """``None`` or a number in [0, 1) (the fraction of weights pruned)."""
+    if s is None:
+        return None
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0 <= s < 1):
+        raise ValueError(f"{name} must be a number in [0, 1), got {s!r}")
+    return float(s)
 
 
 def _check_int(v: Any, name: str, low: int) -> None:
@@ -110,6 +120,7 @@ class TrainConfig:
     image_size: Optional[int] = None
     schedule: str = "cosine"
     rank_every: int = 10
+    sparsity: Optional[float] = None  # pruning methods (snip, grasp, imp): fraction of conv weights at zero
     precision: str = "fp32"  # autocast forward/backward: fp32, bf16, fp16 (with a GradScaler); tucker_manifold.amp
     sync_bn: bool = False  # data parallel: nn.SyncBatchNorm (GPUs only); else per-rank statistics (see .launch)
 
@@ -130,6 +141,7 @@ class TrainConfig:
         check_tau(self.tau)
         check_rank(self.rank)
         check_rank_fraction(self.rank_fraction)
+        check_sparsity(self.sparsity)
         if self.rank is not None and self.rank_fraction is not None:
             raise ValueError("give at most one of rank and rank_fraction")
         _check_int(self.epochs, "epochs", 1)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import compression_rate
+# nn.compression_rate, with pruned (masked) weights counted by their nonzeros: one accounting for all
+from ..pruning import pruned_compression_rate as compression_rate
 from ..amp import MixedPrecision
 from ..distributed import average_gradients, check_replicas_identical
 from .accounting import layer_ranks, rank_summary

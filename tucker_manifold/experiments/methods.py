@@ -2,7 +2,8 @@
 optimizer of that method, and how ``compare`` matches it to a reference's compression.
 
 Built in: ``dense``, ``tdlrt`` (one pass per step; ``tdlrt-twopass`` the two-pass reference), ``tdlrt-parallel``,
-``vanilla-tucker``, ``riemannian-fixed``, ``cp``, ``matrix``.
+``vanilla-tucker``, ``riemannian-fixed``, ``cp``, ``matrix``, ``tt``
+(tensor-train convs) and the pruning baselines ``snip``, ``grasp``, ``imp`` (:mod:`tucker_manifold.pruning`).
 
 Adding a method is one call (a decorator here)::
 
@@ -20,6 +21,19 @@ marks a method whose ranks follow ``tau`` (``compare`` runs it once per tau and 
 counts, name)`` returns ``(config overrides, description)`` that bring the method to the reference's
 per-layer conv weight counts ``counts`` (``compare`` runs it once per tau and seed, matched; without a
 reference, once per seed at its own ranks); a method with neither runs once per seed.
+Two optional hooks give a method data and training control:
+
+* ``prepare(model, batch, options)`` runs after ``build``, before training, on one batch
+  ``(inputs, targets)`` (the runner draws ``10 x num_classes`` training images with a generator seeded
+  by the run's seed, so the loader's shuffling is untouched); it changes ``model`` in place (SNIP and
+  GraSP prune here). ``build_method`` then needs ``batch=``.
+* ``drive(model, run_epochs, cfg)`` replaces the runner's single call of the training loop:
+  ``run_epochs(start_epoch, n_epochs)`` trains ``n_epochs`` more epochs through the same loop, with a
+  fresh optimizer of the built one's class and defaults, the learning-rate schedule at positions
+  ``[start_epoch, start_epoch + n_epochs)`` of ``cfg.epochs``, and appends to the run's history (IMP
+  trains, prunes and rewinds here). ``drive`` must spend exactly ``cfg.epochs`` epochs; such runs
+  cannot be resumed from a checkpoint.
+
 After registration the name works everywhere: ``build_method``, ``TrainConfig.method``,
 ``compare_methods`` and the CLI's ``--method`` / ``--methods`` (they read :func:`method_names`).
 Register methods at import of this module (the bottom of this file, or a module imported there), so
@@ -34,7 +48,7 @@ import torch
 from torch import nn
 
 from .accounting import match_budget_ranks, match_tucker_rank_fraction
-from .config import DEFAULTS, check_rank, check_rank_fraction, check_tau, resolve_device
+from .config import DEFAULTS, check_rank, check_rank_fraction, check_sparsity, check_tau, resolve_device
 
 __all__ = [
     "BuildOptions",
@@ -48,12 +62,18 @@ __all__ = [
     "match_layer_budgets",
     "DEFAULT_TDLRT_RANK_FRACTION",
     "DEFAULT_FIXED_RANK_FRACTION",
+    "DEFAULT_SPARSITY",
+    "match_tt_budgets",
+    "match_sparsity",
+    "imp_plan",
 ]
 
 #: TDLRT's initial channel-rank fraction when neither ``rank`` nor ``rank_fraction`` is given.
 DEFAULT_TDLRT_RANK_FRACTION = 0.5
 #: Rank fraction of the fixed-rank baselines run at their own ranks.
 DEFAULT_FIXED_RANK_FRACTION = 0.25
+#: Conv weight sparsity of the pruning methods run without a reference to match.
+DEFAULT_SPARSITY = 0.9
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,7 @@ class BuildOptions:
     init: str = DEFAULTS.init
     linear: bool = False
     rank_max: Optional[int] = None
+    sparsity: Optional[float] = None  # pruning methods: fraction of conv weights at zero
 
     def rank_kwargs(self, default_fraction: float) -> dict:
         """``{"ranks": rank}`` or ``{"rank_fraction": ...}`` (``default_fraction`` when neither is set),
@@ -82,6 +103,10 @@ class BuildOptions:
 Builder = Callable[[nn.Module, BuildOptions], "tuple[nn.Module, torch.optim.Optimizer]"]
 #: ``match(dense_model, counts, method name) -> (config overrides, description)``
 Matcher = Callable[[nn.Module, "dict[str, int]", str], "tuple[dict, str]"]
+#: ``prepare(model, batch, options)``: in place, after ``build`` (see the module docstring)
+Preparer = Callable[[nn.Module, "tuple[torch.Tensor, torch.Tensor]", BuildOptions], None]
+#: ``drive(model, run_epochs, cfg)``: the method's own training (see the module docstring)
+Driver = Callable[[nn.Module, Callable[[int, int], list], Any], Any]
 
 
 @dataclass(frozen=True)
@@ -93,6 +118,8 @@ class Method:
     description: str = ""
     adaptive: bool = False
     match: Optional[Matcher] = None
+    prepare: Optional[Preparer] = None
+    drive: Optional[Driver] = None
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -106,6 +133,8 @@ def register_method(
     adaptive: bool = False,
     match: Optional[Matcher] = None,
     replace_existing: bool = False,
+    prepare: Optional[Preparer] = None,
+    drive: Optional[Driver] = None,
 ):
     """Register ``build`` under ``name``; usable as a decorator (``build`` omitted). Returns ``build``.
     A name already registered is a ValueError unless ``replace_existing``."""
@@ -117,7 +146,10 @@ def register_method(
             raise ValueError(f"build must be callable, got {fn!r}")
         if name in _REGISTRY and not replace_existing:
             raise ValueError(f"method {name!r} is already registered (pass replace_existing=True to replace it)")
-        _REGISTRY[name] = Method(name, fn, description, adaptive, match)
+        for hook, v in (("prepare", prepare), ("drive", drive)):
+            if v is not None and not callable(v):
+                raise ValueError(f"{hook} must be callable, got {v!r}")
+        _REGISTRY[name] = Method(name, fn, description, adaptive, match, prepare, drive)
         return fn
 
     return add if build is None else add(build)
@@ -162,6 +194,8 @@ def build_method(
     linear: bool = False,
     rank_max: Optional[int] = None,
     device: str | torch.device | None = None,
+    sparsity: Optional[float] = None,
+    batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Factorize a freshly built dense ``model`` for ``method`` and build its optimizer.
 
@@ -170,6 +204,8 @@ def build_method(
     layers, an int or a 4-tuple for Tucker layers; the layers not named stay dense. ``init``: ``"hosvd"``
     decomposes the dense initialisation (SVD for CP / matrix), ``"random"`` draws the layer afresh.
     ``linear``: also factorize ``nn.Linear`` layers. ``device``: where the model is moved first.
+    ``sparsity``: pruning methods' fraction of conv weights at zero (default :data:`DEFAULT_SPARSITY`).
+    ``batch``: ``(inputs, targets)`` for a method with a ``prepare`` hook (SNIP, GraSP score on it).
     Returns ``(model, optimizer)``; every parameter of the model is in the optimizer.
     """
     spec = get_method(method)
@@ -186,12 +222,20 @@ def build_method(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if init not in ("hosvd", "random"):
         raise ValueError(f"init must be 'hosvd' or 'random', got {init!r}")
+    check_sparsity(sparsity)
+    if spec.prepare is not None and batch is None:
+        raise ValueError(f"method {method!r} scores the model on data: pass batch=(inputs, targets)")
     if device is not None:
         model = model.to(resolve_device(device))
     opts = BuildOptions(tau=float(tau), rank=rank, rank_fraction=rank_fraction,
                         layer_ranks=_check_layer_ranks(model, layer_ranks), lr=float(lr), momentum=float(momentum),
-                        weight_decay=float(weight_decay), init=init, linear=linear, rank_max=rank_max)
-    return spec.build(model, opts)
+                        weight_decay=float(weight_decay), init=init, linear=linear, rank_max=rank_max,
+                        sparsity=None if sparsity is None else float(sparsity))
+    model, opt = spec.build(model, opts)
+    if spec.prepare is not None:
+        dev = next(model.parameters()).device
+        spec.prepare(model, tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in batch), opts)
+    return model, opt
 
 
 # ------------------------------------------------------------------------------------ builder helpers
@@ -299,3 +343,112 @@ def _build_cp(model, o):
 def _build_matrix(model, o):
     model = _factorized(model, o, "matrix")
     return model, sgd(model, o)
+
+
+# ------------------------------------------------------------------------------------ tensor train
+def match_tt_budgets(dense_model: nn.Module, counts: dict[str, int], method: str) -> tuple[dict, str]:
+    """Matcher of ``tt``: per layer, the largest uniform TT-rank within the reference's weight count
+    (:func:`tucker_manifold.nn.tt.tt_rank_for_parameter_budget`; at least rank 1)."""
+    from ..nn.tt import tt_rank_for_parameter_budget
+
+    convs = {n: m for n, m in dense_model.named_modules() if type(m) is nn.Conv2d and m.groups == 1}
+    ranks = {}
+    for name, params in counts.items():
+        if name not in convs:
+            raise ValueError(f"counts: layer {name!r} is not a dense groups=1 convolution of dense_model")
+        try:
+            ranks[name] = tt_rank_for_parameter_budget(convs[name], int(params))
+        except ValueError:
+            ranks[name] = 1  # budget below the cost of TT-rank 1: the smallest layer there is
+    return {"rank": None, "rank_fraction": None, "layer_ranks": ranks}, "per-layer TT ranks"
+
+
+@register_method("tt", match=match_tt_budgets,
+                 description="tensor-train convs (TT-matrix cores over 3 channel factors + a spatial core, "
+                             "TT-SVD of the init), torch.optim.SGD")
+def _build_tt(model, o):
+    from ..nn.tt import tt_factorize_model
+
+    init = "svd" if o.init == "hosvd" else "random"
+    if o.layer_ranks is None:
+        model = tt_factorize_model(model, ranks=o.rank if o.rank is not None else 8, include_linear=o.linear, init=init)
+        return model, sgd(model, o)
+    for name, r in o.layer_ranks.items():
+        model = tt_factorize_model(model, ranks=int(r), include_linear=o.linear, include=[name], init=init)
+    return model, sgd(model, o)
+
+
+# ------------------------------------------------------------------------------------ pruning
+def match_sparsity(dense_model: nn.Module, counts: dict[str, int], method: str) -> tuple[dict, str]:
+    """Matcher of the pruning methods: the conv weight sparsity that keeps as many nonzero conv weights
+    as the reference stores (``1 - sum(counts) / conv weights``), so the conv compressions are equal."""
+    from ..pruning import conv_weight_counts
+
+    _, total = conv_weight_counts(dense_model)
+    if not total:
+        raise ValueError("dense_model has no nn.Conv2d weight to prune")
+    s = min(max(1.0 - sum(int(v) for v in counts.values()) / total, 0.0), 1.0 - 1.0 / total)
+    return {"rank": None, "rank_fraction": None, "layer_ranks": None, "sparsity": s}, f"sparsity={s:.4f}"
+
+
+def _sparsity(o: BuildOptions) -> float:
+    return DEFAULT_SPARSITY if o.sparsity is None else o.sparsity
+
+
+@register_method("snip", match=match_sparsity,
+                 prepare=lambda model, batch, o: _prune_at_init(model, batch, o, "snip"),
+                 description="SNIP: prune the conv weights once at init by |g*w| on one batch (global), "
+                             "torch.optim.SGD; pruned weights held at zero by torch.nn.utils.prune masks")
+def _build_snip(model, o):
+    return model, sgd(model, o)
+
+
+@register_method("grasp", match=match_sparsity,
+                 prepare=lambda model, batch, o: _prune_at_init(model, batch, o, "grasp"),
+                 description="GraSP: prune the conv weights once at init, removing the largest -w*(Hg) on one batch "
+                             "(T=200), torch.optim.SGD; masks as snip")
+def _build_grasp(model, o):
+    return model, sgd(model, o)
+
+
+def _prune_at_init(model: nn.Module, batch, o: BuildOptions, kind: str) -> None:
+    import torch.nn.functional as F
+
+    from ..pruning import apply_masks, grasp_masks, snip_masks
+
+    fn = snip_masks if kind == "snip" else grasp_masks
+    apply_masks(model, fn(model, batch, F.cross_entropy, _sparsity(o)))
+
+
+#: IMP's pruning rounds (1 when the run has only 2 epochs).
+IMP_ROUNDS = 2
+
+
+def imp_plan(epochs: int) -> tuple[int, int]:
+    """``(rounds k, rewind epoch e_r)`` of ``imp`` for a run of ``epochs`` epochs: ``k = 2`` (1 for 2
+    epochs); rewinding to the initialization (``e_r = 0``, Frankle & Carbin 2019) below 6 epochs, to the
+    end of epoch 1 (Frankle et al. 2020) from 6 on. The whole run, all rounds included, takes ``epochs``
+    epochs (:func:`tucker_manifold.pruning.imp_schedule`): with 3 epochs, 1 epoch per round and 1 final."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 2:
+        raise ValueError(f"epochs must be an int >= 2 for imp (one round and the final training), got {epochs!r}")
+    k = min(IMP_ROUNDS, epochs - 1)
+    return k, (1 if epochs >= 6 else 0)
+
+
+def _drive_imp(model: nn.Module, run_epochs: Callable[[int, int], list], cfg) -> Any:
+    from ..pruning import run_imp
+
+    k, e_r = imp_plan(cfg.epochs)
+    sparsity = DEFAULT_SPARSITY if cfg.sparsity is None else cfg.sparsity
+    return run_imp(model, lambda m, start, n: run_epochs(start, n), sparsity, total_epochs=cfg.epochs,
+                   rounds=k, rewind_epoch=e_r)
+
+
+@register_method("imp", match=match_sparsity, drive=_drive_imp,
+                 description="IMP: k=2 rounds of train / global magnitude pruning of the conv weights / rewinding "
+                             "(to init below 6 epochs, else to epoch 1) inside the run's own epoch budget (3 epochs: "
+                             "1 per round + 1 final), sparsity 1-(1-s)^(j/k) per round, torch.optim.SGD restarted "
+                             "each phase")
+def _build_imp(model, o):
+    return model, sgd(model, o)
+

@@ -11,7 +11,8 @@ from typing import Optional
 
 from torch import nn
 
-from ..nn import compression_rate
+# nn.compression_rate, with pruned (masked) weights counted by their nonzeros: one accounting for all
+from ..pruning import pruned_compression_rate as compression_rate
 from ..outputs import new_figure, save_figure, write_csv
 from .accounting import conv_parameter_counts, layer_ranks
 from .config import TrainConfig

@@ -28,6 +28,7 @@ from torch import nn
 from ..amp import MixedPrecision
 from ..distributed import check_replicas_identical
 from ..outputs import write_json
+from ..pruning import conv_sparsity, dense_equivalent_flops, is_pruned
 from .checkpoints import CHECKPOINT_NAME, Checkpoint, read_checkpoint, save_checkpoint
 from .config import DEFAULT_COMPARE_METHODS, DEFAULT_COMPARE_TAUS, REFERENCE_METHOD, TrainConfig, check_tau
 from .launch import convert_sync_bn, current, distributed_loaders, replica_tensors
@@ -35,8 +36,8 @@ from .loop import train
 from .methods import build_method, get_method
 from .reports import final_metrics, plot_ranks, write_history_csv, write_results
 
-__all__ = ["RunResult", "seed_everything", "load_data", "build_dense", "setup_run", "run_experiment",
-           "compare_methods", "reference_method"]
+__all__ = ["RunResult", "seed_everything", "load_data", "build_dense", "prepare_batch", "setup_run",
+           "run_experiment", "compare_methods", "reference_method"]
 
 logger = logging.getLogger("tucker_manifold.experiments")
 
@@ -78,6 +79,14 @@ def build_dense(cfg: TrainConfig, bundle) -> nn.Module:
                        image_size=bundle.image_size)
 
 
+def prepare_batch(bundle, seed: int, per_class: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch a method's ``prepare`` hook scores on: ``per_class x num_classes`` training images
+    drawn with a generator seeded by ``seed`` (the loaders' generators are not touched)."""
+    n = min(per_class * bundle.num_classes, len(bundle.y_train))
+    idx = torch.randperm(len(bundle.y_train), generator=torch.Generator().manual_seed(seed))[:n]
+    return bundle.x_train[idx], bundle.y_train[idx]
+
+
 def setup_run(cfg: TrainConfig, bundle=None):
     """Data loaders, model, optimizer and scheduler of a config, seeded by ``cfg.seed``. ``bundle``: the
     already loaded data of the config (else loaded here).
@@ -89,17 +98,13 @@ def setup_run(cfg: TrainConfig, bundle=None):
     cfg.validate()
     bundle = load_data(cfg) if bundle is None else bundle
     seed_everything(cfg.seed)
+    batch = prepare_batch(bundle, cfg.seed) if get_method(cfg.method).prepare is not None else None
     model, opt = build_method(
         build_dense(cfg, bundle), cfg.method, tau=cfg.tau, rank=cfg.rank, rank_fraction=cfg.rank_fraction,
         layer_ranks=cfg.layer_ranks, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        init=cfg.init, device=cfg.device,
+        init=cfg.init, device=cfg.device, sparsity=cfg.sparsity, batch=batch,
     )
-    sched = None
-    if cfg.schedule == "cosine":
-        # Closed form (LambdaLR), not CosineAnnealingLR's recursive one: a run resumed with more epochs
-        # follows the cosine of the new total instead of staying at the old end value (0).
-        total = cfg.epochs
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1.0 + math.cos(math.pi * min(e, total) / total)))
+    sched = _scheduler(cfg, opt)
     train_loader, test_loader = make_loaders(bundle, cfg.batch_size, seed=cfg.seed)
     ctx = current()
     if ctx.enabled:  # under torchrun: this rank's shares of the global batch and test set (launch.py)
@@ -108,6 +113,18 @@ def setup_run(cfg: TrainConfig, bundle=None):
             model = convert_sync_bn(model, cfg.device, ctx.group)
         check_replicas_identical(replica_tensors(model), ctx.group)  # same seed, same model on every rank
     return model, opt, sched, train_loader, test_loader, bundle
+
+
+def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, offset: int = 0):
+    """The config's per-epoch learning-rate schedule (``None`` for constant), its epoch 0 at position
+    ``offset`` of the run's ``cfg.epochs``."""
+    if cfg.schedule != "cosine":
+        return None
+    # Closed form (LambdaLR), not CosineAnnealingLR's recursive one: a run resumed with more epochs
+    # follows the cosine of the new total instead of staying at the old end value (0).
+    total = cfg.epochs
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: 0.5 * (1.0 + math.cos(math.pi * min(e + offset, total) / total)))
 
 
 def _out_dir(out: str | os.PathLike | None) -> Optional[Path]:
@@ -158,6 +175,10 @@ def run_experiment(
     ctx = current()  # data parallel under torchrun: every rank trains, rank 0 alone writes (launch.py)
     out_dir = _out_dir(out)
     ckpt = _resume_checkpoint(resume, out_dir)
+    drive = get_method(cfg.method if ckpt is None else ckpt.config.get("method", cfg.method)).drive
+    if ckpt is not None and drive is not None:
+        raise ValueError(f"method {ckpt.config.get('method')!r} drives its own training (phases with rewinding): "
+                         "its runs cannot be resumed; start it again")
     if ckpt is not None:
         cfg = TrainConfig.from_dict({**ckpt.config, "epochs": cfg.epochs, "device": cfg.device,
                                      "rank_every": cfg.rank_every})
@@ -186,13 +207,39 @@ def run_experiment(
                             scheduler=sched, loader=train_loader,
                             extra={"rank_trace": rank_trace, "amp": amp.state_dict(), "world_size": ctx.world_size})
 
-    train(model, opt, train_loader, test_loader, cfg.epochs, cfg.device,
-          progress=progress if ctx.is_main else False, callback=save, start_epoch=start_epoch, history=history,
-          scheduler=sched, rank_trace=rank_trace, rank_every=cfg.rank_every, precision=amp,
-          process_group=ctx.group)
-    metrics = final_metrics(history, cfg, model, extra={
-        "dataset": bundle.name, "n_train": len(bundle.y_train), "n_test": len(bundle.y_test),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": ctx.world_size})
+    if drive is None:
+        train(model, opt, train_loader, test_loader, cfg.epochs, cfg.device,
+              progress=progress if ctx.is_main else False, callback=save, start_epoch=start_epoch, history=history,
+              scheduler=sched, rank_trace=rank_trace, rank_every=cfg.rank_every, precision=amp,
+              process_group=ctx.group)
+    else:
+        phase = {"opt": opt}
+
+        def run_epochs(start: int, n: int) -> list[dict]:
+            """``n`` more epochs at schedule positions ``[start, start + n)``, fresh optimizer state."""
+            if n == 0:
+                return []
+            phase["opt"] = popt = type(opt)(model.parameters(), **opt.defaults)
+            done = len(history)
+            train(model, popt, train_loader, test_loader, done + n, cfg.device,
+                  progress=progress if ctx.is_main else False, start_epoch=done, history=history,
+                  scheduler=_scheduler(cfg, popt, start), rank_trace=rank_trace, rank_every=cfg.rank_every,
+                  precision=amp, process_group=ctx.group)
+            return history[done:]
+
+        drive(model, run_epochs, cfg)
+        if len(history) != cfg.epochs:
+            raise RuntimeError(f"method {cfg.method!r} trained {len(history)} epochs, not epochs={cfg.epochs}")
+        opt = phase["opt"]
+        save(history[-1])
+    extra = {"dataset": bundle.name, "n_train": len(bundle.y_train), "n_test": len(bundle.y_test),
+             "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": ctx.world_size}
+    if any(is_pruned(m) for m in model.modules()):
+        # Pruned weights save memory only in a sparse format; a dense kernel runs every multiply anyway.
+        shape = (1, bundle.in_channels, bundle.image_size, bundle.image_size)
+        extra.update(conv_sparsity=conv_sparsity(model), flops_dense_equivalent=dense_equivalent_flops(model, shape),
+                     flops_nonzero_weights=dense_equivalent_flops(model, shape, skip_zeros=True))
+    metrics = final_metrics(history, cfg, model, extra=extra)
     if out_dir is not None and ctx.is_main:
         write_json(out_dir / "metrics.json", metrics)
         write_history_csv(out_dir / "history.csv", history)
