@@ -36,7 +36,8 @@ loss-sensitivity estimate computed by the caller (``||grad_W L||^2 / ||W||^2``-s
 Algorithm (:func:`allocate_ranks`).
 
 1. Start from the largest allowed ranks: the augmented ranks, within ``rmax`` and (if given) within the
-   ``tau`` ranks (``tau`` is a floor on what is kept: never more than tau alone keeps), and always
+   ``tau`` ranks (``tau`` caps the ranks, i.e. it is a floor on the truncation error: never more is kept
+   than tau alone keeps), and always
    without singular values at rounding level (as :func:`~tucker_manifold.flow.truncate_core`).
 2. Greedy: while the total is above ``N``, apply the move with the smallest increase of weighted error
    per parameter saved. A move lowers one adaptive mode by one, then lowers other modes only where the
@@ -55,7 +56,7 @@ Algorithm (:func:`allocate_ranks`).
 No a-priori bound: the count constraint couples the modes through ``prod(r)``, so the problem is not a
 separable knapsack. Measured gap to the exact optimum (``benchmarks/budget_gap.py``, gap in Frobenius
 norm ``||T - T_alloc|| / ||T - T_opt|| - 1`` over random tensors, d = 3 and 4, random spectra and N):
-greedy + local search (radius 2): one tensor, 1000 tensors: worst 3.2%, mean 0.008%, optimal in 99%;
+greedy + local search (radius 2): one tensor, 1000 trials: worst 3.2%, mean 0.008%, optimal in 99%;
 2-3 tensors, 1000 cases: optimal in all. The greedy alone: worst 80% / 61%, mean 1.4% / 2.6%. The bound
 objective's own exact optimum, judged by the true error: worst 11%, mean 0.4% (the surrogate's price).
 
