@@ -27,6 +27,11 @@ the records missed, e.g. a penalty on the dense weight), falls back to the secon
 parameter alone (the closure is called a second time, with only those parameters trainable; a warning
 says so once per parameter); without a closure that is a RuntimeError. ``single_pass=False`` is the
 two-pass reference (exactly two closure calls per step), which the equality tests and proofs_checks use.
+Records live from a forward to the next ``step()`` or ``optimizer.zero_grad()`` (which clears them with the
+gradients; ``model.zero_grad()`` does not), and are kept per thread: run the forward in the thread that
+built the optimizer or that calls ``step(closure)``. With ``torch.cuda.amp.GradScaler`` the records hold
+scaled output gradients, which the consistency check reports as a mismatch: use a closure there (the
+second pass then runs) until the scale is passed in.
 
 **ParallelTDLRT** (one pass always): the parallel BUG integrator (Ceruti-Kusch-Lubich-Sulz; GeoLoRA for
 matrices). Same steps, with the augmented bases untrimmed and ``dL/dC^`` masked
