@@ -29,9 +29,9 @@ says so once per parameter); without a closure that is a RuntimeError. ``single_
 two-pass reference (exactly two closure calls per step), which the equality tests and proofs_checks use.
 Records live from a forward to the next ``step()`` or ``optimizer.zero_grad()`` (which clears them with the
 gradients; ``model.zero_grad()`` does not), and are kept per thread: run the forward in the thread that
-built the optimizer or that calls ``step(closure)``. With ``torch.cuda.amp.GradScaler`` the records hold
-scaled output gradients, which the consistency check reports as a mismatch: use a closure there (the
-second pass then runs) until the scale is passed in.
+built the optimizer or that calls ``step(closure)``. Known limit: under ``torch.amp.GradScaler`` (no
+closure) the records hold scaled output gradients while ``unscale_`` rescales only ``.grad``, so the
+consistency check refuses the step (RuntimeError) until the scale is passed to the optimizer.
 
 **ParallelTDLRT** (one pass always): the parallel BUG integrator (Ceruti-Kusch-Lubich-Sulz; GeoLoRA for
 matrices). Same steps, with the augmented bases untrimmed and ``dL/dC^`` masked
