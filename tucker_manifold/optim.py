@@ -29,9 +29,10 @@ says so once per parameter); without a closure that is a RuntimeError. ``single_
 two-pass reference (exactly two closure calls per step), which the equality tests and proofs_checks use.
 Records live from a forward to the next ``step()`` or ``optimizer.zero_grad()`` (which clears them with the
 gradients; ``model.zero_grad()`` does not), and are kept per thread: run the forward in the thread that
-built the optimizer or that calls ``step(closure)``. Known limit: under ``torch.amp.GradScaler`` (no
-closure) the records hold scaled output gradients while ``unscale_`` rescales only ``.grad``, so the
-consistency check refuses the step (RuntimeError) until the scale is passed to the optimizer.
+built the optimizer or that calls ``step(closure)``. Under ``torch.amp.GradScaler`` the records hold
+scaled output gradients: TDLRT declares ``_step_supports_amp_scaling``, so ``scaler.step(opt)`` passes
+the scale in and the step divides ``.grad`` and the rebuilt ``dL/dC^`` by it (:mod:`tucker_manifold.amp`;
+with a closure or a process group use :func:`tucker_manifold.amp.scaled_step`).
 
 **ParallelTDLRT** (one pass always): the parallel BUG integrator (Ceruti-Kusch-Lubich-Sulz; GeoLoRA for
 matrices). Same steps, with the augmented bases untrimmed and ``dL/dC^`` masked
