@@ -331,6 +331,24 @@ class TuckerLayer(FactorizedLayer):
         mode = self.forward_mode if self.forward_mode != "auto" else f"auto:{self.chosen_forward()}"
         return f"shape={self.shape}, ranks={self.ranks}, forward_mode={mode}"
 
+    # -- tensorly interop (tucker_manifold.nn.interop)
+    def to_tensorly(self):
+        """The weight as a ``tensorly.tucker_tensor.TuckerTensor`` ``(core, factors)``: detached torch
+        copies, orthonormal factors; tensorly's backend is not touched."""
+        from .interop import to_tensorly
+
+        return to_tensorly(self)
+
+    @classmethod
+    def from_tensorly(cls, tucker_tensor, bias=True, **kwargs) -> "TuckerLayer":
+        """A layer holding the tensor of a tensorly ``TuckerTensor`` (or ``(core, factors)``), its geometry
+        from the tensor's shape; non-orthonormal factors are orthonormalized (QR, ``R`` absorbed into the
+        core) and invalid ranks lowered exactly. ``kwargs``: the other constructor arguments (stride,
+        padding, ...); ``bias``: True, False or a tensor. See :func:`tucker_manifold.nn.interop.from_tensorly`."""
+        from .interop import from_tensorly
+
+        return from_tensorly(cls, tucker_tensor, bias=bias, **kwargs)
+
     # -- initialisation
     def reinit_decaying(self, q: float, generator: Optional[torch.Generator] = None) -> None:
         """Re-initialise at the current ranks with a core from :func:`decaying_core` (singular values

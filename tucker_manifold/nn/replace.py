@@ -178,7 +178,7 @@ def replace_modules(
     chosen: dict[int, type] = {}
     names_hit: set = set()
     for parent, _, q, m in edges:
-        if not _layer_like(m):
+        if not _layer_like(m) and type(m) not in targets and type(m) not in hints:  # tltorch: weight in a submodule
             continue
         why = _reason(m, parent, targets, hints)
         if why is None and not selector.included(q, m):

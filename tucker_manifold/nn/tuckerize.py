@@ -16,6 +16,7 @@ from torch import nn
 
 from .base import FactorizedLayer, is_conv_layer
 from .conv_nd import TuckerConv1d, TuckerConv3d
+from .interop import tltorch_hints, tltorch_targets
 from .layers import TuckerConv2d, TuckerLayer, TuckerLinear, valid_multilinear_ranks
 from .replace import ConversionSummary, Selection, replace_modules
 
@@ -113,6 +114,11 @@ def tuckerize(
     always a typo). Only exact ``nn.Conv2d`` / ``nn.Linear`` are converted (not subclasses); ``Linear``
     children of ``nn.MultiheadAttention`` never (it reads their weight directly).
 
+    tltorch (tensorly-torch): if the user has imported ``tltorch``, its ``FactorizedConv`` (1-D to 3-D) and,
+    with ``linear=True``, ``FactorizedLinear`` layers with a Tucker factorization are converted with
+    their weights as they are (:mod:`.interop`: factors orthonormalized, the tensor kept; ``ranks`` /
+    ``rank_fraction`` / ``tau`` do not apply to them, the rank bounds and ``forward_mode`` do).
+
     What was converted and what was skipped, with the reason (unsupported type such as ``ConvTranspose2d``,
     ``groups != 1``, padding mode, ``nn.Linear`` without ``linear=True``, not included, excluded): the
     :class:`~tucker_manifold.nn.replace.ConversionSummary`, returned with ``return_summary=True`` and
@@ -151,6 +157,8 @@ def tuckerize(
         targets[nn.Linear] = TuckerLinear
     else:
         hints[nn.Linear] = "nn.Linear is converted only with linear=True"
+        hints.update(tltorch_hints())
+    targets.update(tltorch_targets(linear))  # empty unless the user has imported tltorch
     root, summary = replace_modules(
         model, targets, lambda cls, m: _convert(m, cls, **opts), include=include, exclude=exclude, hints=hints
     )
@@ -168,6 +176,8 @@ def _convert(
     rmax = _expand(rank_max, shape, adaptive, shape)
     rmin = [min(a, b) for a, b in zip(_expand(rank_min, shape, adaptive, [1] * order), rmax)]
     bounds = dict(rank_min=tuple(rmin), rank_max=tuple(rmax), adaptive_modes=adaptive, forward_mode=forward_mode)
+    if hasattr(cls, "convert"):  # an already factorized layer (tltorch): its weight as it is
+        return cls.convert(m, **bounds)
 
     if tau is not None:
         return cls.from_dense(m, tau=tau, **bounds)
