@@ -98,6 +98,40 @@ _tau = _float("--tau", lo=0.0)
 _fraction = _float("--rank-fraction", lo=0.0, hi=1.0, lo_open=True)
 
 
+def _budget(s: str):
+    """``--budget``: an int is a parameter count, a number with a point / exponent a fraction in (0, 1]."""
+    from .experiments.budgets import check_budget_value
+
+    try:
+        v = int(s) if s.strip().lstrip("+").isdigit() else float(s)
+        check_budget_value(v, "--budget")
+    except ValueError as e:
+        msg = str(e) if "--budget" in str(e) else f"--budget must be an int count or a fraction in (0, 1], got {s!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    return v
+
+
+def _budget_schedule(s: str) -> tuple[float, float]:
+    """``--budget-schedule START,END`` in epochs."""
+    from .experiments.budgets import check_budget_schedule_value
+
+    try:
+        v = tuple(float(x) for x in s.split(","))
+        check_budget_schedule_value(v, budget=0, name="--budget-schedule")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budget-schedule must be START,END in epochs with 0 <= START < END, "
+                                         f"got {s!r}") from None
+    return v
+
+
+_SCHEDULE_HELP = ("with --budget: START,END in epochs (e.g. 0,1): the budget decays from the initial Tucker count "
+                  "to N between them (AdaLoRA's cubic schedule; tdlrt / tdlrt-budget). Default: N from the first step")
+
+_BUDGET_HELP = ("parameter budget N: an int (a count) or a fraction in (0, 1] of the dense model's conv weights "
+                "(e.g. 0.1); N counts the Tucker parameters (cores + factors) of the factorized convs, i.e. "
+                "the final conv_params")
+
+
 def _tau_list(s: str) -> list[float]:
     return [_tau(t) for t in s.split(",") if t.strip()]
 
@@ -192,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channel rank of every factorized conv (TDLRT: initial rank)")
     r.add_argument("--rank-fraction", type=_fraction, default=None,
                    help="channel ranks as a fraction of the channels (default: 0.5 for tdlrt, 0.25 for fixed-rank methods)")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help=_BUDGET_HELP + ". tdlrt-budget: TDLRT(budget=N); tdlrt: N a ceiling, --tau a floor; "
+                        "fixed-rank methods: the largest uniform ranks within N")
+    p.add_argument("--budget-schedule", type=_budget_schedule, default=None, help=_SCHEDULE_HELP)
     _add_common(p)
     p.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
     p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME} to --epochs total")
@@ -215,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-fraction", type=_fraction, default=None,
                    help="TDLRT's initial channel rank fraction (default: 0.5); without tdlrt in --methods, "
                         "the baselines' fixed fraction (default: 0.25)")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help=_BUDGET_HELP + ". Runs every method at N: tdlrt-budget with budget=N; tdlrt at the tau "
+                        "whose final count is closest below N (bisection over full runs of the first seed, "
+                        "starting at the first --tau); fixed-rank methods (vanilla-tucker, tdlrt-fixed, ...) at the "
+                        "largest uniform ranks within N; cp / matrix within per-layer shares of N; dense as the "
+                        "reference. E.g. --budget 0.1 --methods tdlrt-budget,tdlrt,vanilla-tucker,tdlrt-fixed")
+    p.add_argument("--budget-schedule", type=_budget_schedule, default=None, help=_SCHEDULE_HELP)
+    p.add_argument("--bisect-runs", type=_int_at_least("--bisect-runs", 1), default=6,
+                   help="with --budget: at most this many runs in tdlrt's tau bisection (default: 6)")
     _add_common(p)
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
     p.set_defaults(func=cmd_compare)
@@ -356,6 +403,16 @@ def cmd_compare(args) -> int:
     seeds = args.seeds if args.seeds is not None else preset["seeds"]
     base = _config(args, preset, method="tdlrt", tau=taus[0], rank=None)
     t0 = time.perf_counter()
+    if args.budget is not None:
+        from .experiments.budgets import budget_table, compare_at_budget
+
+        rows = compare_at_budget(base, args.methods, args.budget, seeds=list(range(base.seed, base.seed + seeds)),
+                                 out=out, progress=False if args.no_progress else None,
+                                 max_bisect_runs=args.bisect_runs)
+        print(budget_table(rows, rows[0]["budget"], rows[0]["dense_conv_params"], base))
+        print(f"\n{time.perf_counter() - t0:.0f} s in all; wrote {out}/results.csv, results.md, bisection.csv, "
+              "ranks_per_layer.png")
+        return 0
     rows = compare_methods(base, methods=args.methods, taus=taus, seeds=list(range(base.seed, base.seed + seeds)),
                            out=out, progress=False if args.no_progress else None)
     print(markdown_table(summarize(rows), base))

@@ -123,6 +123,12 @@ class TrainConfig:
     sparsity: Optional[float] = None  # pruning methods (snip, grasp, imp): fraction of conv weights at zero
     precision: str = "fp32"  # autocast forward/backward: fp32, bf16, fp16 (with a GradScaler); tucker_manifold.amp
     sync_bn: bool = False  # data parallel: nn.SyncBatchNorm (GPUs only); else per-rank statistics (see .launch)
+    #: parameter budget (experiments/budgets.py): an int count of Tucker/conv parameters, or a float in
+    #: (0, 1], a fraction of the dense conv weights
+    budget: Optional[float] = None
+    #: (start_epoch, end_epoch): the budget decays from the initial count to N between them (AdaLoRA's
+    #: cubic schedule, in optimizer steps of this run); None: N from the first step
+    budget_schedule: Optional[tuple] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -142,6 +148,10 @@ class TrainConfig:
         check_rank(self.rank)
         check_rank_fraction(self.rank_fraction)
         check_sparsity(self.sparsity)
+        from .budgets import check_budget_schedule_value, check_budget_value
+
+        check_budget_value(self.budget)
+        check_budget_schedule_value(self.budget_schedule, self.budget)
         if self.rank is not None and self.rank_fraction is not None:
             raise ValueError("give at most one of rank and rank_fraction")
         _check_int(self.epochs, "epochs", 1)

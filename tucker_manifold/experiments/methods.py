@@ -91,6 +91,8 @@ class BuildOptions:
     linear: bool = False
     rank_max: Optional[int] = None
     sparsity: Optional[float] = None  # pruning methods: fraction of conv weights at zero
+    budget: Optional[int] = None  # TDLRT methods (experiments/budgets.py): the parameter budget N, resolved
+    budget_schedule: Optional[tuple[int, int]] = None  # and its (start_step, end_step)
 
     def rank_kwargs(self, default_fraction: float) -> dict:
         """``{"ranks": rank}`` or ``{"rank_fraction": ...}`` (``default_fraction`` when neither is set),
@@ -196,6 +198,8 @@ def build_method(
     device: str | torch.device | None = None,
     sparsity: Optional[float] = None,
     batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    budget: Optional[float] = None,
+    budget_schedule: Optional[tuple[int, int]] = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Factorize a freshly built dense ``model`` for ``method`` and build its optimizer.
 
@@ -206,9 +210,21 @@ def build_method(
     ``linear``: also factorize ``nn.Linear`` layers. ``device``: where the model is moved first.
     ``sparsity``: pruning methods' fraction of conv weights at zero (default :data:`DEFAULT_SPARSITY`).
     ``batch``: ``(inputs, targets)`` for a method with a ``prepare`` hook (SNIP, GraSP score on it).
+    ``budget``: parameter budget of the methods that take one (``tdlrt``, ``tdlrt-budget``): an int count
+    or a float fraction of the dense conv weights (:mod:`.budgets`); ``budget_schedule``: its
+    ``(start_step, end_step)`` (``TDLRT(budget_schedule=...)``).
     Returns ``(model, optimizer)``; every parameter of the model is in the optimizer.
     """
     spec = get_method(method)
+    if budget is not None:
+        from .budgets import resolve_budget, takes_budget
+
+        if not takes_budget(method):
+            raise ValueError(f"method {method!r} does not take a budget: fit its ranks to one with "
+                             "experiments.budgets.fit_to_budget (what train / compare --budget do)")
+        budget = resolve_budget(model, budget)  # the model is still dense here
+    if budget_schedule is not None and budget is None:
+        raise ValueError("budget_schedule needs budget")
     check_tau(tau)
     check_rank(rank)
     check_rank_fraction(rank_fraction)
@@ -230,7 +246,8 @@ def build_method(
     opts = BuildOptions(tau=float(tau), rank=rank, rank_fraction=rank_fraction,
                         layer_ranks=_check_layer_ranks(model, layer_ranks), lr=float(lr), momentum=float(momentum),
                         weight_decay=float(weight_decay), init=init, linear=linear, rank_max=rank_max,
-                        sparsity=None if sparsity is None else float(sparsity))
+                        sparsity=None if sparsity is None else float(sparsity), budget=budget,
+                        budget_schedule=None if budget_schedule is None else tuple(budget_schedule))
     model, opt = spec.build(model, opts)
     if spec.prepare is not None:
         dev = next(model.parameters()).device
@@ -293,7 +310,8 @@ def _build_tdlrt(model, o):
     from ..optim import TDLRT
 
     model = _tuckerized(model, o, DEFAULT_TDLRT_RANK_FRACTION)
-    return model, TDLRT(model.parameters(), lr=o.lr, tau=o.tau, momentum=o.momentum, weight_decay=o.weight_decay)
+    return model, TDLRT(model.parameters(), lr=o.lr, tau=o.tau, momentum=o.momentum, weight_decay=o.weight_decay,
+                        budget=o.budget, budget_schedule=o.budget_schedule)
 
 
 @register_method("tdlrt-twopass", adaptive=True,
@@ -452,3 +470,6 @@ def _drive_imp(model: nn.Module, run_epochs: Callable[[int, int], list], cfg) ->
 def _build_imp(model, o):
     return model, sgd(model, o)
 
+
+# tdlrt-budget and tdlrt-fixed (training to a parameter budget) live with the budget logic
+from . import budgets as _budgets  # noqa: E402,F401

@@ -99,10 +99,16 @@ def setup_run(cfg: TrainConfig, bundle=None):
     bundle = load_data(cfg) if bundle is None else bundle
     seed_everything(cfg.seed)
     batch = prepare_batch(bundle, cfg.seed) if get_method(cfg.method).prepare is not None else None
+    dense = build_dense(cfg, bundle)
+    if cfg.budget is not None:  # fixed-rank methods get ranks that fit it; TDLRT takes it (budgets.py)
+        from .budgets import fit_config, schedule_steps
+
+        cfg = fit_config(cfg, dense)
     model, opt = build_method(
-        build_dense(cfg, bundle), cfg.method, tau=cfg.tau, rank=cfg.rank, rank_fraction=cfg.rank_fraction,
+        dense, cfg.method, tau=cfg.tau, rank=cfg.rank, rank_fraction=cfg.rank_fraction,
         layer_ranks=cfg.layer_ranks, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        init=cfg.init, device=cfg.device, sparsity=cfg.sparsity, batch=batch,
+        init=cfg.init, device=cfg.device, sparsity=cfg.sparsity, batch=batch, budget=cfg.budget,
+        budget_schedule=schedule_steps(cfg, len(bundle.y_train)) if cfg.budget is not None else None,
     )
     sched = _scheduler(cfg, opt)
     train_loader, test_loader = make_loaders(bundle, cfg.batch_size, seed=cfg.seed)
