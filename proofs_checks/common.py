@@ -1,34 +1,50 @@
-"""Shared helpers of the theorem checks: output folder, table printer, JSON/CSV, plots, ``Verdict``,
-and the small test problems (dense quadratics, Tucker tensor regression).
+"""Shared helpers of the theorem checks: the ``Verdict`` and ``CheckResult`` records, the option parser,
+the table printer, optimizer factories, and the small test problems (dense quadratics, Tucker tensor
+regression).
 
-Everything runs in float64 with explicit dtypes; nothing here changes global state at import
-(matplotlib is used through its object-oriented ``Figure`` API, no pyplot, no backend switch).
+Files (JSON, CSV, figures) and the default output folder come from :mod:`tucker_manifold.outputs`, the one
+helper shared with the experiments code. Everything runs in float64 with explicit dtypes; nothing here
+changes global state at import.
+
+**Optimizer factories.** Every check takes the integrator it checks as a factory
+``factory(params, *, lr, tau, momentum=0.0, rmax=None) -> torch.optim.Optimizer`` whose ``step(closure)``
+does one step (the closure zeroes the gradients, runs forward and backward and returns the loss; it may be
+called more than once). The checks change ``lr`` and ``tau`` between steps through ``param_groups`` and
+read nothing else from the optimizer: every checked quantity is computed from the parameters before and
+after the step. That is what lets ``proofs_checks.mutants`` (deliberately broken integrators) be run
+through the same checks.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from tucker_manifold import FixedRankTucker
+from tucker_manifold.optim import TDLRT
+from tucker_manifold.outputs import new_figure, output_dir, runs_dir, save_figure, to_jsonable, write_csv, write_json
 from tucker_manifold.tucker import multi_mode_dot, unfold
 
 DTYPE = torch.float64
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+#: ``factory(params, *, lr, tau, momentum=0.0, rmax=None) -> torch.optim.Optimizer``
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 __all__ = [
     "DTYPE",
-    "DEFAULT_OUT",
+    "OptimizerFactory",
+    "tdlrt",
+    "DEFAULT_OPTIMIZERS",
     "Verdict",
+    "CheckResult",
+    "default_out",
     "base_parser",
     "output_dir",
     "print_table",
@@ -37,7 +53,6 @@ __all__ = [
     "new_figure",
     "save_figure",
     "single_thread",
-    "Timer",
     "loglog_slope",
     "random_orthonormal",
     "tucker_tensor",
@@ -46,7 +61,32 @@ __all__ = [
     "riemannian_grad",
     "finish",
     "augmented_projectors",
+    "set_schedule",
+    "timed",
+    "slope_verdict",
 ]
+
+
+# ----------------------------------------------------------------------------- optimizers
+def tdlrt(params, *, lr: float, tau: float, momentum: float = 0.0, rmax: int | None = None) -> torch.optim.Optimizer:
+    """The library's TDLRT with an SGD base rule, as users get it (its default one-pass step: the checks'
+    closures declare the use of the parameter with ``record_io``, so ``dL/dC^`` is rebuilt from the
+    records): what the checks check by default."""
+    return TDLRT(params, lr=lr, tau=tau, momentum=momentum, rmax=rmax, method="sgd")
+
+
+#: optimizer name -> factory, checked by every check unless the caller passes its own. Adding an
+#: integrator to the checks is one line here (or in a check's own dict).
+DEFAULT_OPTIMIZERS: dict[str, OptimizerFactory] = {"tdlrt": tdlrt}
+
+
+def set_schedule(opt: torch.optim.Optimizer, lr: float | None = None, tau: float | None = None) -> None:
+    """Set ``lr`` and/or ``tau`` in every parameter group (an optimizer without ``tau`` ignores it)."""
+    for group in opt.param_groups:
+        if lr is not None:
+            group["lr"] = lr
+        if tau is not None:
+            group["tau"] = tau
 
 
 # ----------------------------------------------------------------------------- records
@@ -54,53 +94,67 @@ __all__ = [
 class Verdict:
     """Outcome of one checked statement.
 
-    ``worst_slack``: for an inequality ``lhs <= rhs`` the largest ``lhs - rhs`` seen (``<= 0`` passes);
-    for other checks a number whose sign convention ``details`` explains (``None`` if not meaningful).
+    ``name``: a short stable key (``"quadratic.bound"``); ``claim``: what it computes, in words;
+    ``optimizer``: the integrator it was run on. ``worst_slack``: for an inequality ``lhs <= rhs`` the
+    largest ``lhs - rhs`` seen (``<= 0`` passes); for other checks a number whose sign convention
+    ``details["slack"]`` explains (``None`` if not meaningful). ``counted``: False for a verdict that is
+    reported but does not count (e.g. a bound that is vacuous on most steps); it then always passes.
     """
 
     name: str
     passed: bool
     worst_slack: float | None
     details: dict = dataclasses.field(default_factory=dict)
+    claim: str = ""
+    optimizer: str = "tdlrt"
+    counted: bool = True
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "passed": bool(self.passed), "worst_slack": _jsonable(self.worst_slack),
-                "details": _jsonable(self.details)}
+        return {"name": self.name, "optimizer": self.optimizer, "claim": self.claim, "passed": bool(self.passed),
+                "counted": bool(self.counted), "worst_slack": to_jsonable(self.worst_slack),
+                "details": to_jsonable(self.details)}
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else str(v)  # JSON has no inf/nan
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    return obj
+@dataclasses.dataclass
+class CheckResult:
+    """What :func:`run` of a check returns: its verdicts, reported (not checked) figures, the JSON record's
+    extra fields, CSV rows, and a plot callback ``plot(path)`` (``None`` when plots were not asked for)."""
+
+    name: str
+    verdicts: list[Verdict]
+    reported: list[dict] = dataclasses.field(default_factory=list)
+    record: dict = dataclasses.field(default_factory=dict)
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    columns: list[str] | None = None
+    extra_csv: dict[str, tuple[list[dict], list[str] | None]] = dataclasses.field(default_factory=dict)
+    plot: Callable[[Path], Any] | None = None
+    runtime_s: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(v.passed for v in self.verdicts)
+
+    def verdict(self, name: str, optimizer: str | None = None) -> Verdict:
+        """The verdict called ``name`` (of ``optimizer``, when several were checked)."""
+        hits = [v for v in self.verdicts if v.name == name and (optimizer is None or v.optimizer == optimizer)]
+        if len(hits) != 1:
+            raise KeyError(f"{len(hits)} verdicts named {name!r} (optimizer {optimizer!r}) in {self.name}")
+        return hits[0]
 
 
 # ----------------------------------------------------------------------------- CLI / files
-def base_parser(description: str) -> argparse.ArgumentParser:
+def default_out(name: str) -> Path:
+    """``./runs/checks/<name>``: outputs never land in the package or the source tree by default (the
+    committed reference results are regenerated only with an explicit ``--out proofs_checks/results``)."""
+    return runs_dir("checks", name)
+
+
+def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     """Parser with the options every check has: ``--quick`` and ``--out DIR``."""
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(prog=f"python -m proofs_checks.{name}", description=description)
     p.add_argument("--quick", action="store_true", help="reduced setting (seconds; used by the test suite)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--out", type=Path, default=None, help=f"output folder (default {default_out(name)})")
     return p
-
-
-def output_dir(path: str | Path) -> Path:
-    """Create (if needed) and return the output folder."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _fmt(v: Any, floatfmt: str) -> str:
@@ -114,8 +168,8 @@ def _fmt(v: Any, floatfmt: str) -> str:
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str] | None = None, title: str | None = None,
-                floatfmt: str = ".3g") -> str:
-    """Print ``rows`` (dicts) as an aligned text table; returns the text."""
+                floatfmt: str = ".3g", echo: bool = True) -> str:
+    """Format ``rows`` (dicts) as an aligned text table, print it if ``echo``; returns the text."""
     if not rows:
         return ""
     columns = list(columns or rows[0].keys())
@@ -128,61 +182,34 @@ def print_table(rows: Sequence[dict], columns: Sequence[str] | None = None, titl
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
     text = "\n".join(lines)
-    print(text, flush=True)
+    if echo:
+        print(text, flush=True)
     return text
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
-    return path
-
-
-def write_csv(path: str | Path, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
-    path = Path(path)
-    columns = list(columns or (rows[0].keys() if rows else []))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: _jsonable(r.get(c, "")) for c in columns})
-    return path
-
-
-def new_figure(nrows: int = 1, ncols: int = 1, width: float = 4.0, height: float = 3.2):
-    """A matplotlib ``Figure`` (Agg, no pyplot) and its axes array (always 2-D)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
-
-
-def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
-    """Save a small PNG (100 dpi). Falls back to a lower dpi if the file would exceed 150 KB."""
-    path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    while path.stat().st_size > 150_000 and dpi > 50:
-        dpi = int(dpi * 0.8)
-        fig.savefig(path, dpi=dpi)
-    return path
-
-
-def finish(name: str, verdicts: Sequence[Verdict], out: Path, extra: dict | None = None,
-           started: float | None = None) -> int:
-    """Print the verdict table, write ``<name>.json``; return the exit code (0 iff all passed)."""
-    rows = [{"check": v.name, "passed": v.passed,
-             "worst_slack": v.worst_slack if v.worst_slack is not None else "-"} for v in verdicts]
+def finish(result: CheckResult, out: str | Path | None, quick: bool) -> int:
+    """Print the verdict table, write ``<name>.json`` / ``.csv`` / ``.png`` into ``out`` (default
+    :func:`default_out`); return the exit code (0 iff every verdict passed)."""
+    name = result.name
+    out = output_dir(out if out is not None else default_out(name))
+    rows = [{"optimizer": v.optimizer, "verdict": v.name, "passed": v.passed if v.counted else "(not counted)",
+             "worst_slack": v.worst_slack if v.worst_slack is not None else "-"} for v in result.verdicts]
     print_table(rows, title=f"\n== {name}: verdicts ==", floatfmt=".3e")
-    ok = all(v.passed for v in verdicts)
-    record = {"check": name, "passed": ok, "verdicts": [v.to_dict() for v in verdicts]}
-    if started is not None:
-        record["runtime_s"] = time.perf_counter() - started
-    if extra:
-        record.update(extra)
+    if result.reported:
+        print_table([{k: r.get(k, "") for k in ("name", "value", "note")} for r in result.reported],
+                    title=f"== {name}: reported figures (not verdicts) ==", floatfmt=".3e")
+    record = {"check": name, "passed": result.passed, "quick": quick, "runtime_s": result.runtime_s,
+              "verdicts": [v.to_dict() for v in result.verdicts], "reported": result.reported}
+    record.update(result.record)
     write_json(out / f"{name}.json", record)
-    print(f"{name}: {'PASS' if ok else 'FAIL'} -> {out / (name + '.json')}", flush=True)
-    return 0 if ok else 1
+    if result.rows:
+        write_csv(out / f"{name}.csv", result.rows, result.columns)
+    for fname, (rows_, cols) in result.extra_csv.items():
+        write_csv(out / fname, rows_, cols)
+    if result.plot is not None:
+        result.plot(out / f"{name}.png")
+    print(f"{name}: {'PASS' if result.passed else 'FAIL'} -> {out / (name + '.json')}", flush=True)
+    return 0 if result.passed else 1
 
 
 @contextlib.contextmanager
@@ -196,19 +223,27 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.elapsed = time.perf_counter() - self.t0
+def timed(fn: Callable[[], CheckResult]) -> CheckResult:
+    t0 = time.perf_counter()
+    res = fn()
+    res.runtime_s = time.perf_counter() - t0
+    return res
 
 
 def loglog_slope(x: Iterable[float], y: Iterable[float]) -> float:
     """Least-squares slope of ``log y`` against ``log x``."""
     lx, ly = np.log(np.asarray(list(x), float)), np.log(np.asarray(list(y), float))
+    if len(lx) < 2 or not (np.all(np.isfinite(lx)) and np.all(np.isfinite(ly))):
+        return float("nan")
     return float(np.polyfit(lx, ly, 1)[0])
+
+
+def slope_verdict(name: str, claim: str, x, y, lo: float, hi: float, optimizer: str, **details) -> Verdict:
+    """``lo <= slope(log y, log x) <= hi``; slack = distance outside the range (negative inside)."""
+    s = loglog_slope(x, y)
+    ok = math.isfinite(s) and lo <= s <= hi
+    slack = max(lo - s, s - hi) if math.isfinite(s) else float("inf")
+    return Verdict(name, ok, slack, dict(slope=s, range=[lo, hi], x=list(x), y=list(y), **details), claim, optimizer)
 
 
 # ----------------------------------------------------------------------------- problems
