@@ -1,0 +1,195 @@
+"""Run every check and write ONE markdown report: every verdict with its worst slack, the reported
+figures, the plots, and the mutation table (every verdict against every broken integrator of
+:mod:`proofs_checks.mutants`).
+
+    python -m proofs_checks.report [--quick] [--out DIR] [--no-mutations] [--checks a,b]
+    python -m proofs_checks.all ...                 # the same
+    tucker-manifold check all ...                   # the same, through the CLI
+
+Writes ``DIR/report.md`` and ``DIR/report.json``, and each check's own files into ``DIR/<check>/``
+(default ``DIR = ./runs/checks/report``). The mutation table always uses the checks' quick settings (as
+``tests/test_proofs_mutations.py`` does). Exit 0 iff every check passes and every expected mutant catch
+happens.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from tucker_manifold.outputs import output_dir, write_json
+
+from . import CHECKS
+from .common import CheckResult, default_out, finish
+from .mutants import EXPECTED_CAUGHT, MUTANTS
+
+NAME = "report"
+
+#: check -> the mutants run against it. A mutant is left out of a check whose claims it cannot violate
+#: there (``momentum-reset`` outside robustness: the theorem checks use momentum 0, where it is TDLRT).
+MUTANT_CHECKS: dict[str, list[str]] = {
+    "descent": ["frozen", "fixed-basis", "too-long", "ignores-tau", "wrong-sign", "broken-lift", "vanilla",
+                "factor-euler", "fixed-rank"],
+    "convergence": ["frozen", "fixed-basis", "too-long", "ignores-tau", "wrong-sign", "broken-lift", "vanilla",
+                    "fixed-rank"],
+    "approximation": ["frozen", "fixed-basis", "too-long", "ignores-tau", "wrong-sign", "broken-lift", "vanilla",
+                      "factor-euler", "fixed-rank"],
+    "robustness": ["frozen", "fixed-basis", "ignores-tau", "momentum-reset", "vanilla"],
+}
+
+
+def check_module(name: str):
+    return importlib.import_module(f"proofs_checks.{name}")
+
+
+def run_mutations(checks: Iterable[str] | None = None, mutants: Mapping[str, list[str]] | None = None,
+                  cache: dict | None = None, echo: bool = False) -> dict:
+    """Quick setting of every check against the library's integrators and the mutants of ``mutants``
+    (default :data:`MUTANT_CHECKS`). Returns ``{check: {optimizer: [verdict dicts]}}``; the check's own
+    optimizers (``tdlrt``) come first."""
+    import contextlib
+    import io
+
+    cache = {} if cache is None else cache
+    mutants = dict(MUTANT_CHECKS if mutants is None else mutants)
+    table: dict = {}
+    for check in (checks or CHECKS):
+        mod = check_module(check)
+        table[check] = {}
+        runs = [(None, None)] + [(m, {m: MUTANTS[m][0]}) for m in mutants.get(check, [])]
+        for mname, opts in runs:
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                res: CheckResult = mod.run(quick=True, optimizers=opts, cache=cache, plots=False)
+            for v in res.verdicts:
+                table[check].setdefault(v.optimizer, []).append(v.to_dict())
+            if echo:
+                print(f"  mutations: {check} / {mname or 'default'}: {sum(not v.passed for v in res.verdicts)} of "
+                      f"{len(res.verdicts)} verdicts fail ({time.perf_counter() - t0:.1f}s)", flush=True)
+    return table
+
+
+def cell(check: str, mutant: str, verdict: dict | None) -> str:
+    """``caught`` (the verdict failed), ``NOT CAUGHT`` (it passed although listed in EXPECTED_CAUGHT),
+    ``n.a.`` (it passed and the mutant does not violate its claim, or it did not count: vacuous), ``-``
+    (not run)."""
+    if verdict is None:
+        return "-"
+    if not verdict["passed"]:
+        return "caught"
+    if verdict["name"] in EXPECTED_CAUGHT.get(check, {}).get(mutant, []):
+        return "NOT CAUGHT"
+    return "n.a. (not counted)" if not verdict.get("counted", True) else "n.a."
+
+
+def expectation_failures(table: dict) -> list[str]:
+    """Every expected catch that did not happen, and every failing verdict of the library's integrators."""
+    bad = []
+    for check, per_opt in table.items():
+        for mutant, names in EXPECTED_CAUGHT.get(check, {}).items():
+            got = {v["name"]: v for v in per_opt.get(mutant, [])}
+            for name in names:
+                if name not in got:
+                    bad.append(f"{check}: {mutant} was not run against {name}")
+                elif got[name]["passed"]:
+                    bad.append(f"{check}: {name} passed on {mutant}")
+    return bad
+
+
+def mutation_markdown(table: dict, reference: str = "tdlrt") -> str:
+    lines = ["Cells: **caught** = the verdict fails on that mutant; **n.a.** = it passes and the mutant does not "
+             "violate its claim (for example a step that is too long but still a valid Euler step of the "
+             "flow); **NOT CAUGHT** = it passes although the mutant violates its claim; `-` = not run. "
+             f"The first column is the library's integrator ({reference}), which must pass. Quick settings.", ""]
+    for check, per_opt in table.items():
+        names = [v["name"] for v in per_opt.get(reference, [])]
+        muts = [m for m in per_opt if m != reference]
+        lines += [f"**{check}**", "", "| verdict | " + " | ".join([reference] + muts) + " |",
+                  "|---|" + "---|" * (len(muts) + 1)]
+        for name in names:
+            ref = next(v for v in per_opt[reference] if v["name"] == name)
+            row = [("pass" if ref["passed"] else "**FAIL**") + ("" if ref.get("counted", True) else " (not counted)")]
+            for m in muts:
+                row.append(cell(check, m, next((v for v in per_opt[m] if v["name"] == name), None)))
+            lines.append(f"| `{name}` | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["Mutants:", ""] + [f"- `{m}`: {what}" for m, (_, what) in MUTANTS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    if isinstance(x, (list, tuple)):
+        return "(" + ", ".join(_fmt(v) for v in x) + ")"
+    return str(x)
+
+
+def check_markdown(res: CheckResult, rel: str) -> str:
+    lines = [f"## {res.name} ({'PASS' if res.passed else 'FAIL'}, {res.runtime_s:.0f} s)", "",
+             "| integrator | verdict | what it computes | result | worst slack |", "|---|---|---|---|---|"]
+    for v in res.verdicts:
+        result = ("pass" if v.passed else "**FAIL**") if v.counted else "not counted"
+        slack = "-" if v.worst_slack is None else _fmt(v.worst_slack)
+        lines.append(f"| {v.optimizer} | `{v.name}` | {v.claim} | {result} | {slack} |")
+    if res.reported:
+        lines += ["", "Reported figures (not verdicts):", ""]
+        lines += [f"- `{r['name']}` = {_fmt(r['value'])}: {r.get('note', '')}" for r in res.reported]
+    lines += ["", f"![{res.name}]({rel}/{res.name}.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proofs_checks.report",
+                                     description="Run every check and write one markdown report (with the mutation table)")
+    parser.add_argument("--quick", action="store_true", help="quick settings of every check (the test suite's)")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {default_out(NAME)})")
+    parser.add_argument("--no-mutations", action="store_true", help="skip the mutation table")
+    parser.add_argument("--checks", default=",".join(CHECKS), help="comma-separated checks (default: all)")
+    args = parser.parse_args(argv)
+    checks = [c.strip() for c in args.checks.split(",") if c.strip()]
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        parser.error(f"--checks: unknown check(s) {unknown}; valid: {list(CHECKS)}")
+    out = output_dir(args.out if args.out is not None else default_out(NAME))
+    t0 = time.perf_counter()
+    results, codes = {}, {}
+    for name in checks:
+        print(f"== check {name}", flush=True)
+        res = check_module(name).run(quick=args.quick)
+        codes[name] = finish(res, out / name, args.quick)
+        results[name] = res
+    table = {}
+    bad: list[str] = []
+    if not args.no_mutations:
+        print("== mutation table (quick settings)", flush=True)
+        table = run_mutations(checks, echo=True)
+        bad = expectation_failures(table)
+    total = time.perf_counter() - t0
+    ok = all(c == 0 for c in codes.values()) and not bad
+    md = [f"# proofs_checks report ({'quick' if args.quick else 'full'} settings)", "",
+          f"Every check of `proofs_checks` ({', '.join(checks)}) and the mutation table; "
+          f"{'PASS' if ok else 'FAIL'}; {total:.0f} s in all. Regenerate with "
+          f"`python -m proofs_checks.report{' --quick' if args.quick else ''} --out DIR`. "
+          "For `lhs <= rhs` the worst slack is the largest `lhs - rhs` (<= 0 holds); each verdict's JSON "
+          "says its sign convention. Forms checked and constants: `proofs_checks/README.md`.", "",
+          "| check | result | runtime |", "|---|---|---|"]
+    md += [f"| {n} | {'PASS' if r.passed else 'FAIL'} | {r.runtime_s:.0f} s |" for n, r in results.items()]
+    md.append("")
+    md += [check_markdown(r, n) for n, r in results.items()]
+    if table:
+        md += ["## Mutation table", "", mutation_markdown(table)]
+        if bad:
+            md += ["Expected catches that did not happen:", ""] + [f"- {b}" for b in bad] + [""]
+    (out / "report.md").write_text("\n".join(md))
+    write_json(out / "report.json", {"passed": ok, "quick": args.quick, "runtime_s": total,
+                                     "checks": {n: c == 0 for n, c in codes.items()}, "mutations": table,
+                                     "expectation_failures": bad})
+    print(f"report: {'PASS' if ok else 'FAIL'} -> {out / 'report.md'}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
