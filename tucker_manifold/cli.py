@@ -125,7 +125,8 @@ def _budget_schedule(s: str) -> tuple[float, float]:
 
 
 _SCHEDULE_HELP = ("with --budget: START,END in epochs (e.g. 0,1): the budget decays from the initial Tucker count "
-                  "to N between them (AdaLoRA's cubic schedule; tdlrt / tdlrt-budget). Default: N from the first step")
+                  "to N between them (AdaLoRA's cubic schedule; tdlrt / tdlrt-budget). Default: N from the first step. "
+                  "On vgg-mnist at 10%%, 0,1 raised tdlrt-budget from 89.3%% to 96.6%% (results/budget)")
 
 _BUDGET_HELP = ("parameter budget N: an int (a count) or a fraction in (0, 1] of the dense model's conv weights "
                 "(e.g. 0.1); N counts the Tucker parameters (cores + factors) of the factorized convs, i.e. "
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                "run 'tucker-manifold COMMAND --help' for the options of a command",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,compare,check,bench}",
+    sub = parser.add_subparsers(dest="command", metavar="{train,compare,check,bench,finetune,finetune-conv}",
                                 parser_class=lambda **kw: argparse.ArgumentParser(allow_abbrev=False, **kw))
 
     p = sub.add_parser("train", help="train one model with one method",
@@ -282,6 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default=None, help=f"one of {', '.join(BENCHMARKS)} (omit to list them)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark (e.g. --help)")
     p.set_defaults(func=cmd_bench)
+
+    # fine-tuning demos (tucker_manifold.adapters): their own option sets, on subparsers
+    from .adapters import conv_demo, finetune
+
+    p = sub.add_parser("finetune", help="fine-tune all-MiniLM-L6-v2 on BBC News: Tucker adapters vs LoRA/AdaLoRA",
+                       description="Fine-tune all-MiniLM-L6-v2 on BBC News (extra [finetune]): Tucker adapters "
+                                   "(TDLRT / ParallelTDLRT) vs head only, full, PEFT LoRA and AdaLoRA; writes "
+                                   "table.md, summary.csv, results.json and plots to --out.")
+    finetune.build_parser(p)
+    p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("finetune-conv", help="conv adapters: VGG-MNIST 0-4 -> 5-9, Tucker vs LoRA Conv2d",
+                       description="Pretrain VGG-MNIST on digits 0-4, fine-tune on 5-9 with Tucker conv adapters "
+                                   "(4-way), PEFT LoRA Conv2d and a flattened-kernel LoRA; writes table.md, "
+                                   "summary.csv, results.json and plots to --out.")
+    conv_demo.build_parser(p)
+    p.set_defaults(func=cmd_finetune_conv)
     return parser
 
 
@@ -474,6 +491,46 @@ def cmd_bench(args, extra: list[str]) -> int:
         return _exit_code(main_fn([*args.args, *extra]))
     except SystemExit as e:  # argparse --help / errors inside the benchmark
         return _exit_code(e.code)
+
+
+def _demo_error(e: Exception, parser_args) -> CLIError:
+    """A demo config's ValueError ("max_length must be ...") as a CLIError naming the flag (--max-length)."""
+    msg = str(e)
+    name = msg.split(" ", 1)[0]
+    flag = {"finetune_size": "--train-size"}.get(name, _flag(name))
+    if name.isidentifier() and (name in vars(parser_args) or name == "finetune_size"):
+        msg = flag + msg[len(name):]
+    return CLIError(msg)
+
+
+def cmd_finetune(args) -> int:
+    from .adapters import _demo, finetune
+
+    try:
+        cfg = finetune.config_from_args(args)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise _demo_error(e, args) from None
+    with _demo.log_to_stdout("tucker_manifold.adapters"):
+        finetune.run_finetune(cfg)
+    return 0
+
+
+def cmd_finetune_conv(args) -> int:
+    from .adapters import _demo, conv_demo
+    from .adapters.finetune import _lr_items
+
+    try:  # the same mapping as conv_demo.main
+        cfg = conv_demo.ConvDemoConfig(
+            methods=[m.strip() for m in args.methods.split(",") if m.strip()], seeds=args.seeds, epochs=args.epochs,
+            pretrain_size=args.pretrain_size, pretrain_epochs=args.pretrain_epochs, finetune_size=args.train_size,
+            test_size=args.test_size, lora_rank=args.lora_rank, init_rank=args.init_rank, tau=args.tau,
+            lr=_lr_items(args.lr), out=args.out, progress=args.progress,
+        ).validate()
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise _demo_error(e, args) from None
+    with _demo.log_to_stdout("tucker_manifold.adapters"):
+        conv_demo.run_conv_demo(cfg)
+    return 0
 
 
 # ------------------------------------------------------------------------------------ entry point

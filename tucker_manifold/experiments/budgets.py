@@ -15,7 +15,11 @@ through the Python API, they count against ``N`` too, and the fraction still ref
 
 * ``tdlrt-budget``: tuckerize (initial ``rank_fraction`` 0.5, as ``tdlrt``), ``TDLRT(budget=N)`` without
   a tolerance: every step chooses all layers' ranks jointly (least sum of squared relative truncation
-  errors; :mod:`tucker_manifold.budget`). Needs a budget.
+  errors; :mod:`tucker_manifold.budget`). Needs a budget. Use a schedule (``budget_schedule=(0, 1)``
+  epochs): cut to ``N`` at the first step, the allocation sees the flat spectra of the initialisation,
+  starves the largest layers (vgg-mnist's last conv at rank 3) and the ranks stay there, because a rank
+  freed later only comes back through one step's gradient directions (89.3% vs 96.6% test accuracy
+  at 10%, results/budget).
 * ``tdlrt``: with a budget, ``TDLRT(tau=tau, budget=N)``: ``tau`` is a floor (ranks never above what
   ``tau`` keeps) and ``N`` a ceiling.
 * ``tdlrt-fixed``: tuckerize at fixed ranks (default ``rank_fraction`` 0.25, or fitted to a budget) and
@@ -364,7 +368,7 @@ def compare_at_budget(
             rows += [one(method, s, how, f"{method}_seed{s}", **overrides) for s in seed_list]
     if out_dir is not None:
         cols = ["method", "role", "tau", "seed", "test_acc", "test_loss", "train_acc", "conv_params", "tucker_params",
-                "budget", "within", "conv_compression", "total_compression", "total_params", "rank_fraction",
+                "budget", "within", "dense_conv_params", "conv_compression", "total_compression", "total_params", "rank_fraction",
                 "time_per_epoch_s", "epochs", "wall_s", "match", "ranks"]
         write_csv(out_dir / "results.csv", rows, cols)
         write_csv(out_dir / "bisection.csv", bisections,
@@ -419,7 +423,7 @@ def budget_table(rows: list[dict], budget: int, dense_params: int, cfg=None) -> 
 def plot_budget_ranks(rows: list[dict], path: str | os.PathLike, budget: int, dense_model: nn.Module) -> Path:
     """Final channel ranks per conv layer of each method (first seed's result), output- and input-channel
     modes side by side, to the PNG ``path``; layers without a factorization are left out."""
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter
 
     from ..outputs import new_figure, save_figure
 
@@ -442,7 +446,7 @@ def plot_budget_ranks(rows: list[dict], path: str | os.PathLike, budget: int, de
         ax.set_ylabel(("output", "input")[mode] + "-channel rank")
         ax.set_yscale("log", base=2)
         ax.set_ylim(bottom=0.7)  # rank-1 bars stay visible
-        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 2, 4 rather than 2^k
         ax.grid(alpha=0.3, axis="y")
         ax.set_title(("mode 1 (out channels)", "mode 2 (in channels)")[mode], fontsize=9)
     handles, labels = axes[0][0].get_legend_handles_labels()
