@@ -30,7 +30,7 @@ from tucker_manifold.experiments.launch import (  # noqa: E402
     launch,
 )
 
-CFG = dict(data="digits", model="vgg-mnist", method="tdlrt", subset=192, batch_size=32, tau=0.15, seed=3)
+CFG = dict(data="digits", model="vgg-mnist", method="tdlrt", subset=128, batch_size=32, tau=0.15, seed=3)
 
 
 def _state(model) -> dict:
@@ -125,7 +125,7 @@ def test_cli_nproc_starts_torchrun(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "tucker_manifold.cli", "train", "--nproc", "2", "--data", "digits", "--model",
-           "vgg-mnist", "--method", "dense", "--subset", "96", "--batch-size", "32", "--epochs", "1",
+           "vgg-mnist", "--method", "dense", "--subset", "64", "--batch-size", "32", "--epochs", "1",
            "--no-progress", "--out", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]

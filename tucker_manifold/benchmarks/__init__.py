@@ -10,6 +10,8 @@ BENCHMARKS = {
     "step_time": "ms per training step and peak memory: dense, vanilla Tucker, geoopt fixed-rank, TDLRT",
     "geometry": "egrad2rgrad + retraction + transport in Tucker form vs the same on dense tensors",
     "forward_choice": "TuckerConv2d's factorized vs reconstructed forward, and whether 'auto' picks the faster",
+    "ddp_scaling": "images/s with 1 vs N data-parallel CPU processes (gloo) and the share of step time in all-reduce",
+    "gpu_step_time": "ms per step and peak GPU memory of dense / vanilla / TDLRT / ParallelTDLRT (exits 0 without CUDA)",
 }
 
 __all__ = ["BENCHMARKS"]
