@@ -12,6 +12,8 @@ BENCHMARKS = {
     "forward_choice": "TuckerConv2d's factorized vs reconstructed forward, and whether 'auto' picks the faster",
     "ddp_scaling": "images/s with 1 vs N data-parallel CPU processes (gloo) and the share of step time in all-reduce",
     "gpu_step_time": "ms per step and peak GPU memory of dense / vanilla / TDLRT / ParallelTDLRT (exits 0 without CUDA)",
+    "budget_gap": "gap of the rank allocation under a parameter budget (budget.allocate_ranks) to the brute-force optimum",
+    "onepass_memory": "memory the one-pass TDLRT step's records (x, gy per layer) hold on top of a plain forward/backward",
 }
 
 __all__ = ["BENCHMARKS"]
