@@ -44,6 +44,7 @@ from .experiments import (
     summarize,
 )
 from .amp import PRECISIONS
+from .layout import MEMORY_FORMATS
 from .experiments.launch import current, env_world_size, init_from_env, launch, shutdown
 from .models import MODEL_NAMES
 
@@ -188,6 +189,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=PRECISIONS, default=None,
                    help=f"autocast forward/backward: fp32, bf16 or fp16 (with a loss scaler); parameters and "
                         f"TDLRT's QR/SVD stay fp32 (default: {d.precision})")
+    g.add_argument("--memory-format", choices=MEMORY_FORMATS, default=None,
+                   help="layout of the 4-D activations and dense conv weights: channels_last is faster on CPU for "
+                        "every method (benchmarks/results/step_time.md); contiguous reproduces runs made before "
+                        f"it became the default (default: {d.memory_format})")
     g.add_argument("--nproc", type=_int_at_least("--nproc", 1), default=None,
                    help="data-parallel processes on this machine (starts torchrun; the same as "
                         "'torchrun --nproc-per-node N -m tucker_manifold.cli ...'). --batch-size is the global "

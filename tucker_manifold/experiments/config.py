@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from ..amp import check_precision
+from ..layout import check_memory_format
 
 __all__ = [
     "TrainConfig",
@@ -122,6 +123,9 @@ class TrainConfig:
     rank_every: int = 10
     sparsity: Optional[float] = None  # pruning methods (snip, grasp, imp): fraction of conv weights at zero
     precision: str = "fp32"  # autocast forward/backward: fp32, bf16, fp16 (with a GradScaler); tucker_manifold.amp
+    #: layout of 4-D activations and dense conv weights (tucker_manifold.layout): channels_last is faster
+    #: on CPU for every method; "contiguous" reproduces runs made before it became the default
+    memory_format: str = "channels_last"
     sync_bn: bool = False  # data parallel: nn.SyncBatchNorm (GPUs only); else per-rank statistics (see .launch)
     #: parameter budget (experiments/budgets.py): an int count of Tucker/conv parameters, or a float in
     #: (0, 1], a fraction of the dense conv weights
@@ -171,6 +175,7 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         resolve_device(self.device)
         check_precision(self.precision)
+        check_memory_format(self.memory_format)
         if not isinstance(self.sync_bn, bool):
             raise ValueError(f"sync_bn must be True or False, got {self.sync_bn!r}")
         return self

@@ -25,6 +25,7 @@ from torch import nn
 # nn.compression_rate, with pruned (masked) weights counted by their nonzeros: one accounting for all
 from ..pruning import pruned_compression_rate as compression_rate
 from ..amp import MixedPrecision
+from ..layout import to_layout
 from ..distributed import average_gradients, check_replicas_identical
 from .accounting import layer_ranks, rank_summary
 from .launch import all_reduce_sums, attach_process_group, average_bn_statistics, replica_tensors
@@ -36,16 +37,18 @@ logger = logging.getLogger("tucker_manifold.experiments")
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu", *,
-             process_group: Any = None, precision: Optional[MixedPrecision] = None) -> tuple[float, float]:
+             process_group: Any = None, precision: Optional[MixedPrecision] = None,
+             memory_format: Optional[str] = None) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` over ``loader`` (eval mode; the mode is restored).
     ``(nan, nan)`` for an empty loader. ``process_group``: ``loader`` is this rank's share and the sums
-    are all-reduced (every rank gets the whole set's numbers). ``precision``: its autocast."""
+    are all-reduced (every rank gets the whole set's numbers). ``precision``: its autocast.
+    ``memory_format``: layout of the 4-D inputs (:mod:`tucker_manifold.layout`; None: as loaded)."""
     was_training = model.training
     model.eval()
     total, loss_sum, correct = 0, 0.0, 0
     try:
         for x, y in loader:
-            x, y = x.to(device), y.to(device)
+            x, y = to_layout(x.to(device), memory_format), y.to(device)
             with precision.autocast() if precision is not None else contextlib.nullcontext():
                 out = model(x)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
@@ -120,6 +123,7 @@ def train(
     loss_fn: Callable = F.cross_entropy,
     precision: Optional[MixedPrecision] = None,
     process_group: Any = None,
+    memory_format: Optional[str] = None,
 ) -> list[dict]:
     """Train for epochs ``start_epoch + 1 .. epochs`` (``epochs`` is the total, so a resumed run passes
     the epochs already done as ``start_epoch``) and return ``history`` with one row per epoch appended:
@@ -143,7 +147,8 @@ def train(
     ``set_epoch`` is re-seeded every epoch), TDLRT-family optimizers get the group and average their own
     gradients, every other optimizer's are averaged here after each backward (one all-reduce), and at
     each epoch end the train metrics are summed and the BatchNorm running statistics averaged over
-    the ranks.
+    the ranks. ``memory_format``: ``"channels_last"`` or ``"contiguous"`` (:mod:`tucker_manifold.layout`):
+    the model's 4-D weights and every 4-D input batch are put in it; ``None`` leaves both as they are.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
@@ -152,6 +157,7 @@ def train(
     history = [] if history is None else history
     device = torch.device(device)
     model.to(device)
+    to_layout(model, memory_format)
     try:
         n_batches: Optional[int] = len(train_loader)  # type: ignore[arg-type]
     except TypeError:
@@ -176,7 +182,7 @@ def train(
         batches = iter(train_loader)  # the epoch's only iter(): it draws the shuffle from the loader's generator
         bar = _bar(batches, n_batches, f"epoch {epoch}/{epochs}") if draw_bar else None
         for i, (x, y) in enumerate(bar if bar is not None else batches):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_layout(x.to(device, non_blocking=True), memory_format), y.to(device, non_blocking=True)
             first: dict = {}
 
             def closure():
@@ -222,7 +228,8 @@ def train(
             average_bn_statistics(model, process_group)
             check_replicas_identical(replica_tensors(model), process_group)  # raises if they drifted
         t1 = time.perf_counter()
-        test_loss, test_acc = (evaluate(model, test_loader, device, process_group=process_group, precision=amp)
+        test_loss, test_acc = (evaluate(model, test_loader, device, process_group=process_group, precision=amp,
+                                        memory_format=memory_format)
                                if test_loader is not None else (float("nan"),) * 2)
         eval_time = time.perf_counter() - t1
         comp = compression_rate(model)

@@ -217,7 +217,7 @@ def run_experiment(
         train(model, opt, train_loader, test_loader, cfg.epochs, cfg.device,
               progress=progress if ctx.is_main else False, callback=save, start_epoch=start_epoch, history=history,
               scheduler=sched, rank_trace=rank_trace, rank_every=cfg.rank_every, precision=amp,
-              process_group=ctx.group)
+              process_group=ctx.group, memory_format=cfg.memory_format)
     else:
         phase = {"opt": opt}
 
@@ -230,7 +230,7 @@ def run_experiment(
             train(model, popt, train_loader, test_loader, done + n, cfg.device,
                   progress=progress if ctx.is_main else False, start_epoch=done, history=history,
                   scheduler=_scheduler(cfg, popt, start), rank_trace=rank_trace, rank_every=cfg.rank_every,
-                  precision=amp, process_group=ctx.group)
+                  precision=amp, process_group=ctx.group, memory_format=cfg.memory_format)
             return history[done:]
 
         drive(model, run_epochs, cfg)
