@@ -150,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--memory-format", default="contiguous",
+                    help="layout of the runs (default contiguous: the layout the committed figures were made in)")
     ap.add_argument("--out", default="runs/parallel_diag")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
         _STATE.update(method=method, step=0)
         cfg = TrainConfig(method=method, tau=a.tau, seed=a.seed, subset=a.subset, epochs=a.epochs,
                           rank_fraction=a.rank_fraction,
-                          batch_size=a.batch_size)
+                          batch_size=a.batch_size, memory_format=a.memory_format)
         res = run_experiment(cfg, out / f"{method}_tau{a.tau:g}_seed{a.seed}", progress=False, plot=False)
         m = res.metrics
         print(f"{method}: test acc {m['test_acc']:.4f}, conv compression {100 * m['conv_compression']:.1f}%, "
