@@ -20,7 +20,7 @@ __all__ = ["summarize", "markdown_table", "plot_accuracy_vs_params", "write_outp
            "show_bar", "progress_bar", "log_to_stdout", "replayed_step", "optimizer_class"]
 
 RUN_COLUMNS = ["method", "seed", "test_acc", "test_loss", "train_loss", "trainable_params", "effective_params",
-               "time_per_epoch_s", "epochs", "wall_s", "ranks"]
+               "time_per_epoch_s", "cpu_per_epoch_s", "epochs", "wall_s", "ranks"]
 
 
 def _ms(vals: Sequence[float]) -> tuple[float, float]:
@@ -46,11 +46,12 @@ def summarize(rows: list[dict]) -> list[dict]:
         rs = [r for r in rows if r["method"] == method]
         acc, acc_sd = _ms([r["test_acc"] for r in rs])
         t, t_sd = _ms([r["time_per_epoch_s"] for r in rs])
+        c, _ = _ms([r.get("cpu_per_epoch_s") for r in rs])
         out.append(dict(
             method=method, seeds=len(rs), test_acc_mean=acc, test_acc_std=acc_sd,
             trainable_params=statistics.fmean(r["trainable_params"] for r in rs),
             effective_params=statistics.fmean(r.get("effective_params", r["trainable_params"]) for r in rs),
-            time_per_epoch_s=t, time_per_epoch_std=t_sd,
+            time_per_epoch_s=t, time_per_epoch_std=t_sd, cpu_per_epoch_s=c,
             ranks=rank_summary(rs[0].get("ranks") or {}),
             note=rs[0].get("note", ""),
         ))
@@ -58,18 +59,25 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(summary: list[dict], reference: Optional[str] = None) -> str:
-    """Markdown table of :func:`summarize`'s rows; with ``reference`` a method name, time is also given
-    relative to it."""
-    ref_t = next((s["time_per_epoch_s"] for s in summary if s["method"] == reference), None)
-    head = "| method | test acc (mean ± std) | trainable params | effective params | final ranks (seed 1st) | s/epoch |"
-    lines = [head, "|" + "---|" * 6]
+    """Markdown table of :func:`summarize`'s rows; with ``reference`` a method name, wall and CPU time
+    (this process's, one thread: less sensitive to other jobs) are also given relative to it."""
+    ref = next((s for s in summary if s["method"] == reference), None)
+
+    def fmt(s: dict, key: str) -> str:
+        v = s.get(key, float("nan"))
+        if v is None or math.isnan(v):
+            return "-"
+        r = ref.get(key) if ref is not None else None
+        return f"{v:.2f}" + (f" ({v / r:.2f}x)" if r and s is not ref and not math.isnan(r) else "")
+
+    head = ("| method | test acc (mean ± std) | trainable params | effective params | final ranks (seed 1st) | s/epoch "
+            "| CPU s/epoch |")
+    lines = [head, "|" + "---|" * 7]
     for s in summary:
-        t = f"{s['time_per_epoch_s']:.2f}"
-        if ref_t and s["method"] != reference:
-            t += f" ({s['time_per_epoch_s'] / ref_t:.2f}x)"
         lines.append(
             f"| {s['method']} | {100 * s['test_acc_mean']:.2f} ± {100 * s['test_acc_std']:.2f} | "
-            f"{s['trainable_params']:,.0f} | {s['effective_params']:,.0f} | {s['ranks']} | {t} |"
+            f"{s['trainable_params']:,.0f} | {s['effective_params']:,.0f} | {s['ranks']} | "
+            f"{fmt(s, 'time_per_epoch_s')} | {fmt(s, 'cpu_per_epoch_s')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -306,11 +306,11 @@ def _run_head(data: dict, cfg: FinetuneConfig, seed: int, features: dict) -> dic
     head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(features["train"].shape[1], 5))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr.get("head", LEARNING_RATES["head"]))
     gen = torch.Generator().manual_seed(seed)
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     ytr = data["train_y"]
     for epoch in range(1, cfg.epochs + 1):
         head.train()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         tot = 0.0
         for b in _batches(len(ytr), cfg.batch_size, gen):
             opt.zero_grad(set_to_none=True)
@@ -319,6 +319,7 @@ def _run_head(data: dict, cfg: FinetuneConfig, seed: int, features: dict) -> dic
             opt.step()
             tot += float(loss.detach()) * len(b)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         losses.append(tot / len(ytr))
         logger.info("[head seed %d] epoch %d/%d: train loss %.4f | %.2fs", seed, epoch, cfg.epochs, losses[-1], times[-1])
     head.eval()
@@ -329,7 +330,7 @@ def _run_head(data: dict, cfg: FinetuneConfig, seed: int, features: dict) -> dic
     return dict(
         test_acc=float((logits.argmax(1) == yte).float().mean()), test_loss=float(F.cross_entropy(logits, yte)),
         train_loss=losses[-1], trainable_params=n, effective_params=n, ranks={}, epoch_times_s=times,
-        time_per_epoch_s=statistics.fmean(times), train_losses=losses,
+        time_per_epoch_s=statistics.fmean(times), cpu_per_epoch_s=statistics.fmean(cpu), train_losses=losses,
         note=f"frozen features computed once ({features['time_s']:.1f} s, not in s/epoch)",
     )
 
@@ -361,11 +362,11 @@ def _run_trained(method: str, data: dict, cfg: FinetuneConfig, seed: int) -> dic
     gen = torch.Generator().manual_seed(seed)
     ids, mask, y = data["train_ids"], data["train_mask"], data["train_y"]
     show = _demo.show_bar(cfg.progress)
-    times, losses, global_step = [], [], 0
+    times, cpu, losses, global_step = [], [], [], 0
     max_trainable = trainable_parameters(model).trainable
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         tot, correct = 0.0, 0
         batches = _batches(n_train, cfg.batch_size, gen)
         for b in _demo.progress_bar(batches, len(batches), f"{method} s{seed} e{epoch}", show):
@@ -392,6 +393,8 @@ def _run_trained(method: str, data: dict, cfg: FinetuneConfig, seed: int) -> dic
             if method.startswith("tucker"):
                 max_trainable = max(max_trainable, trainable_parameters(model).trainable)
         times.append(time.perf_counter() - t)
+        # CPU time of this process: with one thread, far less sensitive than wall time to other jobs
+        cpu.append(time.process_time() - c)
         losses.append(tot / n_train)
         ranks = adapter_ranks(model) if method.startswith("tucker") else (_adalora_ranks(model) if method == "adalora" else {})
         logger.info("[%s seed %d] epoch %d/%d: train loss %.4f acc %.4f | ranks %s | %.1fs", method, seed, epoch,
@@ -410,7 +413,8 @@ def _run_trained(method: str, data: dict, cfg: FinetuneConfig, seed: int) -> dic
     row = dict(
         test_acc=acc, test_loss=loss, train_loss=losses[-1], trainable_params=trainable,
         effective_params=_effective_params(method, model, trainable), ranks=ranks, epoch_times_s=times,
-        time_per_epoch_s=statistics.fmean(times), train_losses=losses, note=note,
+        time_per_epoch_s=statistics.fmean(times), cpu_per_epoch_s=statistics.fmean(cpu), train_losses=losses,
+        note=note,
     )
     if method.startswith("tucker"):
         row["max_trainable_params"] = max_trainable
