@@ -26,8 +26,9 @@ The grid (one problem, one set of constants):
   ``c1 eps + c2 h``.
 * **family B**, rank-adaptive, ``eps = 1``: ``theta`` x ``h``, with ``theta = r h`` for ``r`` in a
   geometric list of ratio 2 (the ratio of the step sizes): ``theta`` varies at fixed ``h``, ``h`` varies at
-  fixed ``theta`` (neighbouring ``h`` share ``theta`` values) and every ``h`` sees the same ``theta / h``. At ``theta = 0`` the rank grows to capture the source (full rank after a few
-  steps), so little normal component is left.
+  fixed ``theta`` (neighbouring ``h`` share ``theta`` values) and every ``h`` sees the same ``theta / h``.
+  At ``theta = 0`` the rank grows to capture the source (full rank after a few steps), so little normal
+  component is left.
 
 In the model, ``eps`` is the normal component ``||(I - P(Y_t)) grad L(Y_t)||`` averaged over the steps of
 the *untruncated* run (family A: the run itself, about ``0.9 eps``; family B: its ``theta = 0`` run at
@@ -82,7 +83,6 @@ from .common import (
     Verdict,
     base_parser,
     finish,
-    loglog_slope,
     new_figure,
     print_table,
     random_orthonormal,
@@ -463,7 +463,6 @@ def _run(quick, optimizers, cache, plots) -> CheckResult:
             csv_rows.append(dict(optimizer=oname, part="robustness", **r))
     ivp = sanity["ivp_dev"]
     refs = sanity["rob_refs"]
-    kl_small = [r["koch_lubich"] for r in refs if r["sigma_min"] <= 1.01e-5]
     reported += [
         dict(name="closed_form_vs_solve_ivp", value=ivp, note="||closed-form flow - RK45 (rtol 1e-10)|| at eps = 0.3"),
         dict(name="koch_lubich_errors", value=[r["koch_lubich"] for r in refs],

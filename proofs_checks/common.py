@@ -22,13 +22,13 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from tucker_manifold import FixedRankTucker
-from tucker_manifold.optim import TDLRT
+from tucker_manifold.optim import TDLRT, ParallelTDLRT
 from tucker_manifold.outputs import new_figure, output_dir, runs_dir, save_figure, to_jsonable, write_csv, write_json
 from tucker_manifold.tucker import multi_mode_dot, unfold
 
@@ -41,6 +41,7 @@ __all__ = [
     "DTYPE",
     "OptimizerFactory",
     "tdlrt",
+    "tdlrt_parallel",
     "DEFAULT_OPTIMIZERS",
     "Verdict",
     "CheckResult",
@@ -62,6 +63,7 @@ __all__ = [
     "finish",
     "augmented_projectors",
     "set_schedule",
+    "pre_truncation",
     "timed",
     "slope_verdict",
 ]
@@ -75,8 +77,28 @@ def tdlrt(params, *, lr: float, tau: float, momentum: float = 0.0, rmax: int | N
     return TDLRT(params, lr=lr, tau=tau, momentum=momentum, rmax=rmax, method="sgd")
 
 
+def tdlrt_parallel(params, *, lr: float, tau: float, momentum: float = 0.0,
+                   rmax: int | None = None) -> torch.optim.Optimizer:
+    """The library's ParallelTDLRT with an SGD base rule: the Riemannian step ``Y - h P(Y) grad L``
+    (the masked augmented-core gradient, one gradient evaluation per step), then the same truncation as
+    TDLRT."""
+    return ParallelTDLRT(params, lr=lr, tau=tau, momentum=momentum, rmax=rmax, method="sgd")
+
+
+#: what a factory's step is before its truncation, for the checks that recompute it (descent.py):
+#: ``"galerkin"`` (default, TDLRT and the mutants) ``Y - h grad L x_i U^_i U^_i^T``; ``"tangent"``
+#: ``Y - h P(Y) grad L``. Both decrease ``L`` by at least ``h(1 - Lh/2)||P grad L||^2``.
+tdlrt_parallel.pre_truncation = "tangent"  # type: ignore[attr-defined]
+
+
+def pre_truncation(factory: OptimizerFactory) -> str:
+    """The step ``factory``'s optimizer takes before truncating (see :func:`tdlrt_parallel`)."""
+    return getattr(factory, "pre_truncation", "galerkin")
+
+
 #: optimizer name -> factory, checked by every check unless the caller passes its own. Adding an
-#: integrator to the checks is one line here (or in a check's own dict).
+#: integrator to the checks is one line here (or in a check's own dict: descent.py and robustness.py
+#: also check ``tdlrt-parallel``).
 DEFAULT_OPTIMIZERS: dict[str, OptimizerFactory] = {"tdlrt": tdlrt}
 
 
@@ -129,6 +151,10 @@ class CheckResult:
     extra_csv: dict[str, tuple[list[dict], list[str] | None]] = dataclasses.field(default_factory=dict)
     plot: Callable[[Path], Any] | None = None
     runtime_s: float = 0.0
+    #: CPU time of this process (on a busy machine a better measure of the cost than the wall time)
+    cpu_s: float = 0.0
+    #: extra markdown for the report (tables of reported figures), placed after the reported list
+    markdown: str = ""
 
     @property
     def passed(self) -> bool:
@@ -199,6 +225,7 @@ def finish(result: CheckResult, out: str | Path | None, quick: bool) -> int:
         print_table([{k: r.get(k, "") for k in ("name", "value", "note")} for r in result.reported],
                     title=f"== {name}: reported figures (not verdicts) ==", floatfmt=".3e")
     record = {"check": name, "passed": result.passed, "quick": quick, "runtime_s": result.runtime_s,
+              "cpu_s": result.cpu_s,
               "verdicts": [v.to_dict() for v in result.verdicts], "reported": result.reported}
     record.update(result.record)
     write_json(out / f"{name}.json", record)
@@ -224,9 +251,10 @@ def single_thread() -> Iterator[None]:
 
 
 def timed(fn: Callable[[], CheckResult]) -> CheckResult:
-    t0 = time.perf_counter()
+    """Run ``fn`` and record its wall and CPU time in the result."""
+    t0, c0 = time.perf_counter(), time.process_time()
     res = fn()
-    res.runtime_s = time.perf_counter() - t0
+    res.runtime_s, res.cpu_s = time.perf_counter() - t0, time.process_time() - c0
     return res
 
 

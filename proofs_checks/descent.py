@@ -67,18 +67,21 @@ from .common import (
     base_parser,
     finish,
     new_figure,
+    pre_truncation,
     print_table,
     riemannian_grad,
     save_figure,
     set_schedule,
     single_thread,
+    tdlrt_parallel,
     timed,
 )
 
 ATOL = 1e-12
 NAME = "descent"
 #: integrators checked by default: name -> factory (see proofs_checks.common). One line per integrator.
-OPTIMIZERS: dict[str, OptimizerFactory] = dict(DEFAULT_OPTIMIZERS)
+#: ``tdlrt-parallel`` is checked against its own pre-truncation step, ``Y - h P(Y) grad L``.
+OPTIMIZERS: dict[str, OptimizerFactory] = dict(DEFAULT_OPTIMIZERS, **{"tdlrt-parallel": tdlrt_parallel})
 #: a run's tau > 0 bound counts when it is non-vacuous on at least this fraction of its steps
 MIN_NONVACUOUS = 0.5
 
@@ -168,10 +171,14 @@ def lyapunov_problem(seed: int = 0, shape=(8, 7, 6), ranks=(3, 3, 3), eps: float
 
 class DigitsConv:
     """Fixed batch of sklearn digits -> frozen random 3x3 stem (1 -> 4 channels, relu) -> Tucker conv
-    (4 -> 16, 3x3) -> relu -> spatial mean -> frozen linear head (16 -> 10) -> mean cross-entropy.
+    (4 -> 16, 3x3) -> softplus -> spatial mean -> frozen linear head (16 -> 10) -> mean cross-entropy.
 
     Only the Tucker kernel is trained: the loss is a function of one layer's weight with the other
-    layers fixed, the setting of the theorem.
+    layers fixed, the setting of the theorem. The activation after the Tucker conv is smooth (softplus):
+    with a ReLU there the loss is not ``L``-smooth (hypothesis (A1) of the theorem fails), its gradient
+    jumps across the ReLU kinks, which no Hessian probe sees (measured: a kink with a finite-difference
+    curvature of 16 x the estimated ``L`` inside one step, on which the bound failed). The stem's ReLU
+    acts on fixed inputs and does not matter.
     """
 
     def __init__(self, n_images: int = 256, seed: int = 0):
@@ -187,7 +194,7 @@ class DigitsConv:
         self.head = torch.randn(10, 16, generator=g, dtype=DTYPE)
 
     def loss(self, kernel: torch.Tensor) -> torch.Tensor:
-        z = F.relu(F.conv2d(self.feats, kernel, padding=1)).mean(dim=(2, 3))
+        z = F.softplus(F.conv2d(self.feats, kernel, padding=1)).mean(dim=(2, 3))
         return F.cross_entropy(z @ self.head.T, self.y)
 
 
@@ -241,11 +248,18 @@ def make_problems(cfg: dict) -> list[Problem]:
 # ----------------------------------------------------------------------------- one run
 def run_descent(prob: Problem, factory: OptimizerFactory, tau: float, h: float, steps: int,
                 hess_probes: int = 0) -> dict:
-    """``factory``'s optimizer (SGD rule, momentum 0) from ``prob.x0``; per-step records for the bound."""
+    """``factory``'s optimizer (SGD rule, momentum 0) from ``prob.x0``; per-step records for the bound.
+
+    The reference step ``Y^`` (what the truncation must stay close to) is the factory's declared
+    pre-truncation step (:func:`proofs_checks.common.pre_truncation`): the augmented Galerkin step
+    ``Y - h grad L x_i U^_i U^_i^T`` (TDLRT, the mutants) or the tangent step ``Y - h P(Y) grad L``
+    (ParallelTDLRT). Both are recomputed here from the dense gradient; ``eta_galerkin`` records the
+    distance to the Galerkin step in either case."""
     p = geoopt.ManifoldParameter(prob.x0.clone(), manifold=prob.manifold)
     opt = factory([p], lr=h, tau=tau, momentum=0.0)
+    tangent = pre_truncation(factory) == "tangent"
     keys = ("loss", "loss_next", "pg_norm", "core_grad_indep", "eta_ideal", "chat_norm", "grad_norm_hat",
-            "lib_eta", "lib_core_grad")
+            "lib_eta", "lib_core_grad", "eta_galerkin", "step_grad")
     rec = {k: [] for k in keys}
     rec["ranks"] = []
     hess = []
@@ -258,9 +272,11 @@ def run_descent(prob: Problem, factory: OptimizerFactory, tau: float, h: float, 
         core, factors = m.unpack(x)
         w = m.to_dense(x)
         loss_t, g = dense_grad(prob.loss, w)
-        _, pgn = riemannian_grad(m, x, g)
+        pg, pgn = riemannian_grad(m, x, g)
         gc = multi_mode_dot(g, augmented_projectors(core, factors, g))  # = grad_{C^} L x_i U^_i (same norm)
-        y_hat = w - h * gc
+        y_gal = w - h * gc
+        step_dir = pg if tangent else gc
+        y_hat = w - h * step_dir
         if t in probe_at and prob.hessian_norm is not None:
             hess.append(prob.hessian_norm(w))
         opt.step(_closure(opt, p, prob.loss))
@@ -269,7 +285,9 @@ def run_descent(prob: Problem, factory: OptimizerFactory, tau: float, h: float, 
         rec["loss_next"].append(float(prob.loss(w_next)) if torch.isfinite(w_next).all() else float("inf"))
         rec["pg_norm"].append(pgn)
         rec["core_grad_indep"].append(float(gc.norm()))
+        rec["step_grad"].append(float(step_dir.norm()))
         rec["eta_ideal"].append(float((w_next - y_hat).norm()))
+        rec["eta_galerkin"].append(float((w_next - y_gal).norm()))
         rec["chat_norm"].append(float(y_hat.norm()))
         rec["grad_norm_hat"].append(float(dense_grad(prob.loss, y_hat)[1].norm()))
         info = getattr(opt, "last_step_info", None)
@@ -317,12 +335,13 @@ def evaluate(rec: dict, L: float, h: float, tau: float) -> dict:
         worst_core_ge_P=float(np.max(rec["pg_norm"] - rec["core_grad_indep"] - 1e-10 * (1 + rec["core_grad_indep"]))),
         B_max=float(B.max()) if len(B) else float("nan"), max_B_eta=float((B * eta).max()) if len(B) else float("nan"),
         final_ranks=rec["ranks"][-1] if rec["ranks"] else None,
+        max_dist_galerkin=float(np.max(rec["eta_galerkin"])) if len(rec["eta_galerkin"]) else float("nan"),
         loss_0=float(rec["loss"][0]), loss_T=float(rec["loss_next"][-1]),
     )
     n = min(len(rec["lib_eta"]), len(rec["eta_ideal"]))
     if n:
         ev["lib_eta_dev"] = float(np.max(np.abs(rec["lib_eta"][:n] - rec["eta_ideal"][:n])))
-        ev["lib_core_grad_dev"] = float(np.max(np.abs(rec["lib_core_grad"][:n] - rec["core_grad_indep"][:n])))
+        ev["lib_core_grad_dev"] = float(np.max(np.abs(rec["lib_core_grad"][:n] - rec["step_grad"][:n])))
     return ev
 
 
@@ -360,15 +379,16 @@ def _run(quick, optimizers, cache, plots) -> CheckResult:
                                    final_ranks=ev["final_ranks"], worst_core_ge_P=ev["worst_core_ge_P"],
                                    lib_eta_dev=ev.get("lib_eta_dev", float("nan")),
                                    lib_core_grad_dev=ev.get("lib_core_grad_dev", float("nan")),
+                                   max_dist_galerkin=ev["max_dist_galerkin"],
                                    hess_max_over_L=(max(rec["hessian_probes"]) / prob.L if rec["hessian_probes"]
                                                     else float("nan")))
                         rows.append(row)
                         sub.append(row)
-                verdicts += _verdicts(oname, prob, sub)
-                reported += _reported(oname, prob, sub)
+                verdicts += _verdicts(oname, prob, sub, pre_truncation(factory))
+                reported += _reported(oname, prob, sub, pre_truncation(factory))
     cols = ["optimizer", "problem", "tau", "h_L", "L", "worst_slack", "frac_nonvacuous", "min_decrease_ratio",
             "worst_truncation", "B_max", "max_B_eta", "loss_0", "loss_T", "final_ranks", "lib_eta_dev",
-            "hess_max_over_L"]
+            "hess_max_over_L", "max_dist_galerkin"]
     print_table(rows, cols, title="Theorem 3.1: worst slack (max over steps of lhs - rhs; <= 0 holds)", floatfmt=".3g")
     plot = (lambda path: _plot(problems, runs, cfg, optimizers, path)) if plots else None
     record = {"rows": rows, "settings": {k: v for k, v in cfg.items()}, "optimizers": list(optimizers),
@@ -378,7 +398,11 @@ def _run(quick, optimizers, cache, plots) -> CheckResult:
     return CheckResult(NAME, verdicts, reported, record, rows, cols, plot=plot)
 
 
-def _verdicts(oname: str, prob: Problem, sub: list[dict]) -> list[Verdict]:
+STEP_LABEL = {"galerkin": "the augmented Galerkin step Y^ = Y - h grad L x_i U^_iU^_i^T",
+              "tangent": "the tangent (Riemannian) step Y^ = Y - h P(Y) grad L"}
+
+
+def _verdicts(oname: str, prob: Problem, sub: list[dict], ref: str = "galerkin") -> list[Verdict]:
     zero = [r for r in sub if r["tau"] == 0]
     pos = [r for r in sub if r["tau"] > 0]
     live = [r for r in pos if r["frac_nonvacuous"] >= MIN_NONVACUOUS]
@@ -398,18 +422,23 @@ def _verdicts(oname: str, prob: Problem, sub: list[dict]) -> list[Verdict]:
     wt = max(r["worst_truncation"] for r in sub)
     out.append(Verdict(f"{prob.name}.truncation", wt <= 0, wt,
                        {"per_run": {f"tau={r['tau']},h={r['h_L']}/L": r["worst_truncation"] for r in sub}},
-                       "||Y+ - Y^|| <= sqrt(d) tau ||C^|| (+ rounding): the step is the augmented Galerkin step "
-                       "Y^ = Y - h grad L x_i U^_iU^_i^T truncated within the tolerance", oname))
+                       f"||Y+ - Y^|| <= sqrt(d) tau ||C^|| (+ rounding): the step is {STEP_LABEL[ref]} "
+                       "truncated within the tolerance", oname))
     return out
 
 
-def _reported(oname: str, prob: Problem, sub: list[dict]) -> list[dict]:
+def _reported(oname: str, prob: Problem, sub: list[dict], ref: str = "galerkin") -> list[dict]:
     rep = [dict(name=f"{oname}:{prob.name}.core_ge_P", value=max(r["worst_core_ge_P"] for r in sub),
                 note="max ||P grad L|| - ||grad_C^ L|| (<= 0: the augmented space contains P grad L, Cor. 2.2); "
                      "set-up sanity, the same for every integrator"),
            dict(name=f"{oname}:{prob.name}.frac_nonvacuous@tau>0",
                 value=[r["frac_nonvacuous"] for r in sub if r["tau"] > 0],
                 note="fraction of steps where the tau>0 bound guarantees a decrease, per tau>0 run")]
+    if ref != "galerkin":
+        rep.append(dict(name=f"{oname}:{prob.name}.dist_to_galerkin@tau=0",
+                        value=max(r["max_dist_galerkin"] for r in sub if r["tau"] == 0),
+                        note="max ||Y+ - (Y - h grad L x_i U^_iU^_i^T)|| at tau = 0: how far the step is from "
+                             "TDLRT's Galerkin step (> 0: a different integrator, checked against its own step)"))
     devs = [r["lib_eta_dev"] for r in sub if math.isfinite(r["lib_eta_dev"])]
     if devs:
         rep.append(dict(name=f"{oname}:{prob.name}.last_step_info_dev",
@@ -436,17 +465,19 @@ def _plot(problems, runs, cfg, optimizers, path: Path):
     fig, axes = new_figure(2, len(problems), width=3.3, height=2.6)
     for j, prob in enumerate(problems):
         ax, ax2 = axes[0, j], axes[1, j]
+        best = min(float(np.min(runs[(oname, prob.name, t, hf)][0]["loss_next"])) for t in cfg["taus"][prob.name]
+                   for hf in cfg["hfacs"])
         for tau in cfg["taus"][prob.name]:
             rec, ev = runs[(oname, prob.name, tau, 1.0)]
             loss = np.append(rec["loss"], rec["loss_next"][-1])
-            (line,) = ax.semilogy(np.maximum(loss - min(0.0, loss.min()) + 1e-30, 1e-30), label=f"tau={tau}")
+            (line,) = ax.semilogy(np.maximum(loss - best, 1e-16), label=f"tau={tau}")
             for hf, marker in zip(cfg["hfacs"], ("o", "x")):
                 rec, ev = runs[(oname, prob.name, tau, hf)]
                 pos = np.nonzero(ev["nonvac"])[0]
                 ratio = (rec["loss"] - rec["loss_next"])[pos] / ev["guaranteed"][pos]
                 ax2.semilogy(pos, ratio, marker, ms=2.5, color=line.get_color(), alpha=0.7,
-                             label=f"tau={tau}, h={hf}/L ({ev['frac_nonvacuous']:.0%})" if True else None)
-        ax.set_title(f"{prob.name}: loss, h = 1/L", fontsize=9)
+                             label=f"tau={tau}, h={hf}/L ({ev['frac_nonvacuous']:.0%})")
+        ax.set_title(f"{prob.name}: L(Y_t) - best loss seen, h = 1/L", fontsize=8)
         ax.set_xlabel("step", fontsize=8)
         ax.legend(fontsize=6)
         ax2.axhline(1.0, color="k", lw=0.8)

@@ -27,20 +27,30 @@ Setup (docs/theorems.md §5, reproduction recipe; the paper's exact setup is unk
   - dense (reported): ``nn.Conv2d`` started from the reconstructed Tucker kernels (same function).
   FC layers, biases and the data order depend on the seed only.
 * Every method: SGD, lr 0.02 with a cosine decay to 0, momentum 0.9, batch 64, 3 epochs, seeds 0-2.
-  The checked integrator (``tdlrt``: :class:`tucker_manifold.optim.TDLRT`, ``tau = 0``, rank capped at
-  the initial rank) against ``vanilla`` (the same Tucker layers, ``torch.optim.SGD`` on core and
+  The checked integrators, with ``tau = 0`` and the rank capped at the initial rank: ``tdlrt``
+  (:class:`tucker_manifold.optim.TDLRT`) and ``tdlrt-parallel`` (:class:`tucker_manifold.optim.ParallelTDLRT`:
+  the Riemannian step ``Y - h P(Y) grad L`` in the augmented bases, then the same truncation; one gradient
+  evaluation per step), against ``vanilla`` (the same Tucker layers, ``torch.optim.SGD`` on core and
   factors). Adding an integrator to the check is one line in :data:`CHECKED`.
 
-Verdicts, for each checked integrator (final training loss = mean mini-batch loss over the last half
-epoch, at < 7% of the peak lr):
+Verdict, for each checked integrator:
 
-* ``vs_vanilla.every_pair``: for every (q, seed), the final training loss is below vanilla Tucker's.
-* ``vs_vanilla.mean``: the mean final training loss over all (q, seed) is below vanilla's.
 * ``q_drop``: the test-accuracy drop from q = 1 to the smallest q (mean over seeds) is smaller than
   vanilla's at the same rank: the geometry-aware step is less sensitive to the conditioning.
 
-Reported, not verdicts: whether every run ends finite, every method's finals, the gap to dense, CP. ``--quick`` (the test suite):
-sklearn digits upsampled to 16x16, q in {1, 0.001}, seeds 0 and 1, 5 epochs, methods tdlrt and vanilla.
+Reported, not verdicts (final training loss = mean mini-batch loss over the last half epoch, at < 7% of
+the peak lr):
+
+* ``paper_claim.below_vanilla_every_pair`` / ``paper_claim.below_vanilla_mean``: the paper's claim that
+  TDLRT trains faster than vanilla Tucker, as the final training loss below vanilla's for every (q, seed)
+  and in the mean, with the measured losses (also a markdown table in the report) and "not reproduced
+  here" when it fails. TDLRT itself fails it at these ranks (vanilla trains faster at q = 1), so as a
+  verdict it could catch no mutant: it was demoted (issue 10: a verdict that cannot catch a mutant is
+  dropped or reported).
+* whether every run ends finite, the augmented ranks against full, the gap to dense; CP and dense.
+
+``--quick`` (the test suite): sklearn digits upsampled to 16x16, q in {1, 0.001}, seeds 0 and 1, 5 epochs,
+baseline vanilla only.
 
 Run ``python -m proofs_checks.robustness [--quick] [--out DIR] [--seeds N] [--epochs E] [--subset N]``;
 writes ``robustness.json``, ``robustness.csv`` (every curve point), ``robustness_summary.csv`` and
@@ -51,8 +61,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -62,7 +71,7 @@ from torch import nn
 from tucker_manifold.data import load_dataset
 from tucker_manifold.models import LeNet5
 from tucker_manifold.nn import CPConv2d, TuckerConv2d
-from tucker_manifold.optim import TDLRT
+from tucker_manifold.optim import TDLRT, ParallelTDLRT
 
 from .common import CheckResult, OptimizerFactory, Verdict, base_parser, finish, new_figure, print_table, save_figure
 
@@ -74,12 +83,19 @@ def tdlrt(params, *, lr: float, tau: float = 0.0, momentum: float = 0.0, rmax=No
     return TDLRT(params, lr=lr, tau=tau, momentum=momentum, rmax=rmax, method="sgd")
 
 
+def tdlrt_parallel(params, *, lr: float, tau: float = 0.0, momentum: float = 0.0,
+                   rmax=None) -> torch.optim.Optimizer:
+    """ParallelTDLRT (the Riemannian step ``Y - h P(Y) grad L``, then the truncation) with the same
+    SGD-momentum base rule and ``tau``."""
+    return ParallelTDLRT(params, lr=lr, tau=tau, momentum=momentum, rmax=rmax, method="sgd")
+
+
 def sgd(params, *, lr: float, tau: float = 0.0, momentum: float = 0.0, rmax=None) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=momentum)
 
 
 #: the checked integrators (Tucker layers): name -> factory. One line per integrator.
-CHECKED: dict[str, OptimizerFactory] = {"tdlrt": tdlrt}
+CHECKED: dict[str, OptimizerFactory] = {"tdlrt": tdlrt, "tdlrt-parallel": tdlrt_parallel}
 #: baselines: name -> (model kind, factory); ``vanilla`` is what the verdicts compare against
 BASELINES: dict[str, tuple[str, OptimizerFactory]] = {"vanilla": ("tucker", sgd), "cp": ("cp", sgd),
                                                       "dense": ("dense", sgd)}
@@ -269,32 +285,73 @@ def summarize(runs: dict, methods, qs, seeds) -> list[dict]:
 
 
 def _verdicts(oname: str, runs: dict, qs, seeds, label: str | None = None) -> list[Verdict]:
-    pairs = [(q, s) for q in qs for s in seeds]
-    lo = {p: _final(runs, oname, *p) for p in pairs}
-    lv = {p: _final(runs, REFERENCE, *p) for p in pairs}
-    diffs = {f"q={q},seed={s}": lo[(q, s)] - lv[(q, s)] for q, s in pairs}
-    worst_pair = max(diffs.values())
-    worst_pair = worst_pair if math.isfinite(worst_pair) else float("inf")
-    mo, mv = statistics.fmean(lo.values()), statistics.fmean(lv.values())
-    # a diverged run has an infinite loss: the mean of a method with one is infinite
-    mean_slack = mo - mv if math.isfinite(mo) and math.isfinite(mv) else (float("-inf") if math.isfinite(mo) else float("inf"))
+    """``q_drop``, the one verdict (the training-loss comparison with vanilla is a reported figure,
+    :func:`paper_claim`)."""
     q1, qn = max(qs), min(qs)
     acc = lambda m, q: statistics.fmean(_final(runs, m, q, s, "test_acc") for s in seeds)  # noqa: E731
     drop_o, drop_v = acc(oname, q1) - acc(oname, qn), acc(REFERENCE, q1) - acc(REFERENCE, qn)
     key, oname = oname, (label or oname)  # runs are keyed by ``key``; verdicts carry the integrator's name
     return [
-        Verdict("vs_vanilla.every_pair", worst_pair < 0, worst_pair,
-                {"loss_minus_vanilla": diffs, "slack": "max over (q, seed) of final loss - vanilla's (< 0 passes)"},
-                "final training loss below vanilla Tucker's (same rank, same init, same SGD) for every (q, seed)", oname),
-        Verdict("vs_vanilla.mean", mean_slack < 0, mean_slack,
-                {"mean_loss": mo, "mean_loss_vanilla": mv, "slack": "mean final loss - vanilla's (< 0 passes)"},
-                "mean final training loss over all (q, seed) below vanilla Tucker's", oname),
         Verdict("q_drop", drop_o < drop_v, drop_o - drop_v,
                 {"drop": drop_o, "drop_vanilla": drop_v, "q_from": q1, "q_to": qn,
                  "acc": {str(q): acc(key, q) for q in qs}, "acc_vanilla": {str(q): acc(REFERENCE, q) for q in qs},
                  "slack": "drop - vanilla's drop (< 0 passes)"},
                 f"test-accuracy drop from q={q1} to q={qn} (mean over seeds) smaller than vanilla Tucker's", oname),
     ]
+
+
+def paper_claim(oname: str, runs: dict, qs, seeds, label: str | None = None) -> list[dict]:
+    """The paper's claim that TDLRT trains faster than vanilla Tucker, as REPORTED figures (not verdicts):
+    the final training loss below vanilla's for every (q, seed), and in the mean. TDLRT itself does not
+    satisfy it at these low ranks (vanilla is faster at q = 1), so as a verdict it could catch no mutant;
+    it is reported with the measured losses, and "not reproduced here" when it fails."""
+    pairs = [(q, s) for q in qs for s in seeds]
+    lo = {p: _final(runs, oname, *p) for p in pairs}
+    lv = {p: _final(runs, REFERENCE, *p) for p in pairs}
+    below = [p for p in pairs if lo[p] < lv[p]]
+    mo, mv = statistics.fmean(lo.values()), statistics.fmean(lv.values())  # a diverged run: inf
+    name = label or oname
+    verdict = lambda ok: "reproduced" if ok else "not reproduced here"  # noqa: E731
+    losses = {f"q={q},seed={s}": dict(loss=lo[(q, s)], loss_vanilla=lv[(q, s)]) for q, s in pairs}
+    return [
+        dict(name=f"{name}:paper_claim.below_vanilla_every_pair", value=verdict(len(below) == len(pairs)),
+             note=f"paper's claim (Figure 2), reported, not a verdict: final training loss below vanilla Tucker's "
+                  f"for every (q, seed); {name} is below in {len(below)} of {len(pairs)} pairs",
+             pairs_below=len(below), pairs=len(pairs), losses=losses),
+        dict(name=f"{name}:paper_claim.below_vanilla_mean", value=verdict(mo < mv),
+             note=f"paper's claim, reported: mean final training loss over all (q, seed) below vanilla's: "
+                  f"{mo:.4g} against {mv:.4g} (inf: a run diverged)",
+             mean_loss=mo, mean_loss_vanilla=mv),
+    ]
+
+
+def claim_markdown(runs: dict, checked: Mapping[str, str], qs, seeds) -> str:
+    """Markdown table of the paper's claim: final training loss per (q, seed) of every checked integrator
+    and of vanilla Tucker, the means, and whether each integrator is below vanilla."""
+    cols = list(checked) + [REFERENCE]
+    head = ["q", "seed"] + [checked.get(c, c) for c in cols]
+    lines = ["**The paper's claim (Figure 2): TDLRT's final training loss below vanilla Tucker's, per (q, seed) "
+             "and in the mean.** Reported, not a verdict (TDLRT does not satisfy it here; see "
+             "`proofs_checks/README.md`). Final training loss (mean mini-batch loss over the last half epoch):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    f = lambda x: f"{x:.4f}" if math.isfinite(x) else "inf"  # noqa: E731
+    for q in qs:
+        for s in seeds:
+            lv = _final(runs, REFERENCE, q, s)
+            cells = [f(_final(runs, c, q, s)) + ("" if c == REFERENCE else (" (<)" if _final(runs, c, q, s) < lv else " (>=)"))
+                     for c in cols]
+            lines.append(f"| {q} | {s} | " + " | ".join(cells) + " |")
+    means = {c: statistics.fmean(_final(runs, c, q, s) for q in qs for s in seeds) for c in cols}
+    lines.append("| mean | | " + " | ".join(f(means[c]) for c in cols) + " |")
+    verdicts = []
+    for c in checked:
+        n_below = sum(_final(runs, c, q, s) < _final(runs, REFERENCE, q, s) for q in qs for s in seeds)
+        every = n_below == len(qs) * len(seeds)
+        verdicts.append(f"{checked[c]}: below vanilla in {n_below} of {len(qs) * len(seeds)} pairs "
+                        f"(every pair: {'reproduced' if every else '**not reproduced here**'}), mean "
+                        f"{'below' if means[c] < means[REFERENCE] else 'not below'} vanilla's "
+                        f"({'reproduced' if means[c] < means[REFERENCE] else '**not reproduced here**'})")
+    return "\n".join(lines + ["", "(<): below vanilla's loss in that pair.", ""] + [f"- {v}" for v in verdicts]) + "\n"
 
 
 def plot(runs: dict, methods, qs, seeds, path, title: str) -> None:
@@ -349,7 +406,7 @@ def run(quick: bool = True, optimizers: Mapping[str, OptimizerFactory] | None = 
         threads: int = 1, echo: bool = True) -> CheckResult:
     """Train every checked integrator (default :data:`CHECKED`) and the baselines. ``cache`` keeps the
     data and the baseline runs between calls (they do not depend on the integrator checked)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cache = {} if cache is None else cache
     cfg = settings(quick, seeds, epochs, subset)
     # a checked integrator named like a baseline (the ``vanilla`` mutant) is trained under "<name>*"
@@ -392,6 +449,7 @@ def run(quick: bool = True, optimizers: Mapping[str, OptimizerFactory] | None = 
     verdicts, reported = [], []
     for oname in checked:
         verdicts += _verdicts(oname, runs, qs, seeds_, display[oname])
+        reported += paper_claim(oname, runs, qs, seeds_, display[oname])
         pairs = [(q, s) for q in qs for s in seeds_]
         reported.append(dict(name=f"{oname}:finite", value=all(math.isfinite(runs[(oname, q, s)]["train_loss"][-1])
                                                                for q, s in pairs),
@@ -433,8 +491,9 @@ def run(quick: bool = True, optimizers: Mapping[str, OptimizerFactory] | None = 
     res = CheckResult(NAME, verdicts, reported, record, curve_rows,
                       extra_csv={f"{NAME}_summary.csv": (rows, ["method", "q", "loss_mean", "loss_std", "loss_min",
                                                                  "loss_max", "acc_mean", "acc_std", "final_ranks"])},
-                      plot=(lambda path: plot(runs, methods, qs, seeds_, path, title)) if plots else None)
-    res.runtime_s = time.perf_counter() - t0
+                      plot=(lambda path: plot(runs, methods, qs, seeds_, path, title)) if plots else None,
+                      markdown=claim_markdown(runs, display, qs, seeds_))
+    res.runtime_s, res.cpu_s = time.perf_counter() - t0, time.process_time() - c0
     return res
 
 

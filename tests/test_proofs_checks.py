@@ -22,12 +22,13 @@ def _run(name, tmp_path):
     assert png.exists() and 0 < png.stat().st_size < 150_000
     assert (tmp_path / f"{name}.csv").exists()
     for v in record["verdicts"]:
-        assert v["claim"] and v["optimizer"] == "tdlrt", v
+        assert v["claim"] and v["optimizer"] in ("tdlrt", "tdlrt-parallel"), v
+    assert record["verdicts"][0]["optimizer"] == "tdlrt"
     return rc, record
 
 
-def _verdicts(record):
-    return {v["name"]: v for v in record["verdicts"]}
+def _verdicts(record, optimizer="tdlrt"):
+    return {v["name"]: v for v in record["verdicts"] if v["optimizer"] == optimizer}
 
 
 def _reported(record):
@@ -57,25 +58,33 @@ def test_descent_quick(tmp_path):
     pytest.importorskip("sklearn")
     rc, record = _run("descent", tmp_path)
     assert rc == 0 and record["passed"]
-    verdicts = _verdicts(record)
+    assert record["optimizers"] == ["tdlrt", "tdlrt-parallel"]  # ParallelTDLRT checked next to TDLRT
     problems = {r["problem"] for r in record["rows"]}
     assert problems == {"quadratic", "regression", "lyapunov", "cnn_digits"}
-    for p in problems:
-        assert verdicts[f"{p}.bound@tau=0"]["worst_slack"] <= 0
-        assert verdicts[f"{p}.truncation"]["worst_slack"] <= 0
-        tp = verdicts[f"{p}.bound@tau>0"]
-        # counted exactly when some tau > 0 run is non-vacuous on at least half of its steps
-        fracs = [r["frac_nonvacuous"] for r in record["rows"] if r["problem"] == p and r["tau"] > 0]
-        assert tp["counted"] == any(f >= 0.5 for f in fracs)
-        if tp["counted"]:
-            assert tp["worst_slack"] <= 0
-    # the tau > 0 bound says something on at least two problems
-    assert sum(verdicts[f"{p}.bound@tau>0"]["counted"] for p in problems) >= 2
     rep = _reported(record)
+    for o in record["optimizers"]:
+        verdicts = _verdicts(record, o)
+        assert len(verdicts) == 3 * len(problems)
+        for p in problems:
+            assert verdicts[f"{p}.bound@tau=0"]["worst_slack"] <= 0
+            assert verdicts[f"{p}.truncation"]["worst_slack"] <= 0
+            tp = verdicts[f"{p}.bound@tau>0"]
+            # counted exactly when some tau > 0 run is non-vacuous on at least half of its steps
+            fracs = [r["frac_nonvacuous"] for r in record["rows"]
+                     if r["problem"] == p and r["tau"] > 0 and r["optimizer"] == o]
+            assert tp["counted"] == any(f >= 0.5 for f in fracs)
+            if tp["counted"]:
+                assert tp["worst_slack"] <= 0
+        # the tau > 0 bound says something on at least two problems
+        assert sum(verdicts[f"{p}.bound@tau>0"]["counted"] for p in problems) >= 2
+        for p in problems:
+            assert rep[f"{o}:{p}.core_ge_P"] <= 0  # the augmented space contains P grad L
+            eta_dev, cg_dev = rep[f"{o}:{p}.last_step_info_dev"]
+            assert eta_dev < 1e-8 and cg_dev < 1e-8  # the optimizer's own report matches the recomputation
     for p in problems:
-        assert rep[f"tdlrt:{p}.core_ge_P"] <= 0  # the augmented space contains P grad L
-        eta_dev, cg_dev = rep[f"tdlrt:{p}.last_step_info_dev"]
-        assert eta_dev < 1e-8 and cg_dev < 1e-8  # the optimizer's own report matches the recomputation
+        # ParallelTDLRT is checked against its own step: it is not TDLRT's Galerkin step
+        assert rep[f"tdlrt-parallel:{p}.dist_to_galerkin@tau=0"] > 1e-6
+        assert f"tdlrt:{p}.dist_to_galerkin@tau=0" not in rep
     for r in record["rows"]:
         assert r["loss_T"] < r["loss_0"]
 
@@ -127,7 +136,13 @@ def test_mutation_markdown_cells():
     table = {"descent": {"tdlrt": [v("a", True), v("b", True)], "frozen": [v("a", False), v("b", True)]}}
     md = report.mutation_markdown(table)
     assert "| `a` | pass | caught |" in md and "| `b` | pass | " in md
+    table["descent"]["tdlrt-parallel"] = [v("a", True), v("b", False)]
+    md = report.mutation_markdown(table)
+    assert "| verdict | tdlrt | tdlrt-parallel | frozen |" in md  # library integrators first, then mutants
+    assert "| `a` | pass | pass | caught |" in md and "| `b` | pass | **FAIL** | n.a. |" in md
+    assert "descent: tdlrt-parallel fails b" in report.expectation_failures(table)
     assert report.cell("descent", "frozen", None) == "-"
+    assert report.cell("descent", "frozen", v("a", False), reference_passed=False) == "fails (so does tdlrt)"
 
 
 def test_tau_zero_keeps_points_on_the_manifold():
