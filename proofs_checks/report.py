@@ -2,9 +2,9 @@
 figures, the plots, and the mutation table (every verdict against every broken integrator of
 :mod:`proofs_checks.mutants`).
 
-    python -m proofs_checks.report [--quick] [--out DIR] [--no-mutations] [--checks a,b]
+    python -m proofs_checks.report [--quick] [--out DIR] [--no-mutations] [--checks a,b] [--readme README]
     python -m proofs_checks.all ...                 # the same
-    tucker-manifold check all ...                   # the same, through the CLI
+    tucker-manifold check report ...                # the same, through the CLI
 
 Writes ``DIR/report.md`` and ``DIR/report.json``, and each check's own files into ``DIR/<check>/``
 (default ``DIR = ./runs/checks/report``). The mutation table always uses the checks' quick settings (as
@@ -160,6 +160,38 @@ def check_markdown(res: CheckResult, rel: str) -> str:
     return "\n".join(lines)
 
 
+#: the markers of the mutation table's copy in proofs_checks/README.md
+README_BEGIN = "<!-- mutation-table:begin (copied from results/report.md: python -m proofs_checks.report --readme) -->"
+README_END = "<!-- mutation-table:end -->"
+
+
+def mutation_section(report_md: str) -> str:
+    """The mutation-table section of a report (after its ``## Mutation table`` heading, up to the next
+    ``## `` heading or the end), stripped."""
+    head = "## Mutation table\n"
+    if head not in report_md:
+        raise ValueError("the report has no mutation table (written with --no-mutations?)")
+    rest = report_md.split(head, 1)[1]
+    return rest.split("\n## ", 1)[0].strip()
+
+
+def readme_section(readme: str) -> str:
+    """The text between :data:`README_BEGIN` and :data:`README_END`, stripped."""
+    if README_BEGIN not in readme or README_END not in readme:
+        raise ValueError("no mutation-table markers in the README")
+    return readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip()
+
+
+def sync_readme(report_md: str | Path, readme: str | Path) -> None:
+    """Copy the mutation table of the report ``report_md`` into ``readme``, between the markers."""
+    table = mutation_section(Path(report_md).read_text())
+    text = Path(readme).read_text()
+    readme_section(text)  # the markers are there
+    before, rest = text.split(README_BEGIN, 1)
+    after = rest.split(README_END, 1)[1]
+    Path(readme).write_text(f"{before}{README_BEGIN}\n\n{table}\n\n{README_END}{after}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proofs_checks.report",
                                      description="Run every check and write one markdown report (with the mutation table)")
@@ -167,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {default_out(NAME)})")
     parser.add_argument("--no-mutations", action="store_true", help="skip the mutation table")
     parser.add_argument("--checks", default=",".join(CHECKS), help="comma-separated checks (default: all)")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="also copy the mutation table into this README, between its mutation-table markers "
+                             "(proofs_checks/README.md for the committed copy)")
     args = parser.parse_args(argv)
     checks = [c.strip() for c in args.checks.split(",") if c.strip()]
     unknown = [c for c in checks if c not in CHECKS]
@@ -204,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             md += ["Expected catches that did not happen:", ""] + [f"- {b}" for b in bad] + [""]
     (out / "report.md").write_text("\n".join(md))
+    if args.readme is not None and table:
+        sync_readme(out / "report.md", args.readme)
+        print(f"mutation table copied into {args.readme}", flush=True)
     slim = {c: {o: [{k: v[k] for k in ("name", "passed", "counted", "worst_slack")} for v in vs]
                 for o, vs in per.items()} for c, per in table.items()}
     write_json(out / "report.json", {"passed": ok, "quick": args.quick, "runtime_s": total,

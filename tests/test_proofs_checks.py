@@ -174,3 +174,29 @@ def test_tau_zero_keeps_points_on_the_manifold():
         assert p.manifold.check_point_on_manifold(p.detach())
     assert p.manifold.ranks == (3, 3, 3)
     assert float(((p.manifold.to_dense(p.detach()) - a) ** 2).sum()) < 1e-20
+
+
+def test_readme_mutation_table_is_the_committed_reports():
+    """proofs_checks/README.md carries the mutation table of the committed report, verbatim."""
+    from proofs_checks import report
+
+    root = Path(__file__).resolve().parents[1] / "proofs_checks"
+    committed = (root / "results" / "report.md").read_text()
+    assert report.readme_section((root / "README.md").read_text()) == report.mutation_section(committed)
+    rows = [line for line in report.mutation_section(committed).splitlines() if line.startswith("| `")]
+    assert rows and not any("NOT CAUGHT" in r or "FAIL" in r for r in rows)  # every expected catch, no failure
+    assert json.loads((root / "results" / "report.json").read_text())["passed"] is True
+
+
+def test_sync_readme_replaces_only_the_marked_block(tmp_path):
+    from proofs_checks import report
+
+    rep = tmp_path / "report.md"
+    rep.write_text("# r\n\n## a\n\nx\n\n## Mutation table\n\n| t | 1 |\n\n## later\n\ny\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n\n{report.README_BEGIN}\nold\n{report.README_END}\n\nbottom\n")
+    report.sync_readme(rep, readme)
+    text = readme.read_text()
+    assert report.readme_section(text) == "| t | 1 |" and text.startswith("top\n") and text.endswith("\nbottom\n")
+    with pytest.raises(ValueError):
+        report.readme_section("no markers")
