@@ -1,5 +1,6 @@
 """Merge the output folders of several ``tucker-manifold compare`` runs (same setting, disjoint
-(method, tau, seed) runs) into one table: results.csv, results.md, accuracy_vs_compression.png, plus
+(method, tau, seed) runs; a run without tau, such as dense, may come from every folder of a tau sweep,
+and is kept once if its copies agree) into one table: results.csv, results.md, accuracy_vs_compression.png, plus
 each run's metrics.json / history.csv (checkpoints are not copied) and flops.md (pruned runs).
 
 A run is a function of its config and thread count, so runs made by separate compare commands are
@@ -22,7 +23,7 @@ FLOATS = ("test_acc", "test_loss", "train_acc", "conv_compression", "total_compr
 INTS = ("seed", "conv_params", "total_params", "epochs")
 #: the config fields that define the setting (equal in every merged run)
 SETTING = ("model", "data", "lr", "momentum", "weight_decay", "init", "epochs", "batch_size", "subset", "data_root",
-           "image_size", "schedule", "device")
+           "image_size", "schedule", "device", "memory_format", "precision")
 
 
 def read_rows(folder: Path) -> list[dict]:
@@ -55,7 +56,11 @@ def main(argv: list[str]) -> None:
         for r in read_rows(f):
             key = (r["method"], r["tau"], r["seed"])
             if key in seen:
-                raise SystemExit(f"run {key} appears twice")
+                twin = next(x for x in rows if (x["method"], x["tau"], x["seed"]) == key)
+                # a run without tau (dense) is made by every compare command of a tau sweep: the same run
+                if r["tau"] is None and twin["test_acc"] == r["test_acc"] and twin["test_loss"] == r["test_loss"]:
+                    continue
+                raise SystemExit(f"run {key} appears twice with different results")
             seen.add(key)
             rows.append(r)
     configs = []
@@ -63,7 +68,7 @@ def main(argv: list[str]) -> None:
     flops = []
     for r in rows:
         src = r["_dir"] / "runs" / tag(r)
-        dst = out / "runs" / tag(r)
+        dst = out / "run_files" / tag(r)  # not "runs/": .gitignore keeps runs/ folders out of git
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.json", "history.csv"):
             shutil.copy2(src / name, dst / name)
