@@ -47,10 +47,12 @@ def test_library_integrator_passes_every_verdict(outcome):
 
 
 def test_parallel_tdlrt_passes_every_verdict(outcome):
+    """Where a check runs ParallelTDLRT it passes the same verdicts as TDLRT; elsewhere it is absent (the
+    table claims nothing for it)."""
     check, table = outcome
     if check not in PARALLEL_CHECKS:
         assert "tdlrt-parallel" not in table
-        pytest.skip(f"{check} does not run ParallelTDLRT")
+        return
     names = [v["name"] for v in table["tdlrt-parallel"]]
     assert names == [v["name"] for v in table["tdlrt"]]  # the same verdicts
     failed = [v["name"] for v in table["tdlrt-parallel"] if not v["passed"]]
