@@ -4,7 +4,7 @@ figures, the plots, and the mutation table (every verdict against every broken i
 
     python -m proofs_checks.report [--quick] [--out DIR] [--no-mutations] [--checks a,b] [--readme README]
     python -m proofs_checks.all ...                 # the same
-    tucker-manifold check report ...                # the same, through the CLI
+    tucker-manifold check all ...                   # the same, through the CLI (also: check report)
 
 Writes ``DIR/report.md`` and ``DIR/report.json``, and each check's own files into ``DIR/<check>/``
 (default ``DIR = ./runs/checks/report``). The mutation table always uses the checks' quick settings (as

@@ -1,6 +1,7 @@
 """Memory layout of the 4-D activations (and dense conv weights) during training.
 
-``channels_last`` (NHWC strides) is the default of ``train`` / ``compare`` / ``finetune-conv``: on CPU
+``channels_last`` (NHWC strides) is the default of ``train`` / ``compare`` (the conv-adapter demo keeps
+its own loop and the default layout): on CPU
 oneDNN's convolutions and max-pooling run in it without reordering. Measured by
 ``tucker-manifold bench step_time --layouts default,channels_last`` (one process, side by side), it made
 every method's step faster on every net measured (ratios in benchmarks/results/step_time.md). It changes
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .nn.base import FactorizedConv2d
+
 __all__ = ["MEMORY_FORMATS", "check_memory_format", "torch_memory_format", "to_layout"]
 
 MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "contiguous")
@@ -40,14 +43,12 @@ def torch_memory_format(memory_format: str) -> torch.memory_format:
     return _FORMATS[check_memory_format(memory_format)]
 
 
-# conv module -> (its layout hook's handle, the layout name); weak, so a dropped model is not kept alive
-_HOOKS: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, str]]" = weakref.WeakKeyDictionary()
+# conv module -> its layout hook's handle; weak, so a dropped model is not kept alive
+_HOOKS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
 def _is_conv2d(m: nn.Module) -> bool:
-    from .nn.base import is_conv_layer
-
-    return isinstance(m, nn.Conv2d) or (is_conv_layer(m) and len(getattr(m, "kernel_size", ())) == 2)
+    return isinstance(m, (nn.Conv2d, FactorizedConv2d))
 
 
 def _output_hook(fmt: torch.memory_format):
@@ -75,9 +76,9 @@ def to_layout(obj: Any, memory_format: str | None) -> Any:
                 continue
             old = _HOOKS.pop(m, None)
             if old is not None:
-                old[0].remove()
+                old.remove()
             if memory_format != "contiguous":
-                _HOOKS[m] = (m.register_forward_hook(_output_hook(fmt)), memory_format)
+                _HOOKS[m] = m.register_forward_hook(_output_hook(fmt))
         return obj
     if isinstance(obj, torch.Tensor) and obj.dim() == 4:
         return obj.contiguous(memory_format=fmt)
