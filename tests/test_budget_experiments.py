@@ -142,6 +142,25 @@ def test_bisect_tau_on_a_known_curve():
         EB.bisect_tau(count, 10, max_runs=0)
 
 
+def test_bisect_tau_step_brackets_by_its_factor():
+    def count(tau):
+        return int(100000 * math.exp(-12 * tau))
+
+    # from a good guess, a small step brackets N in fewer runs than doubling
+    n = count(0.13)
+    tau, trials = EB.bisect_tau(count, n, tau0=0.125, max_runs=12, step=1.1)
+    assert trials[1][0] == pytest.approx(0.125 * 1.1)
+    assert count(tau) <= n and count(tau) >= 0.97 * n
+    _, doubling = EB.bisect_tau(count, n, tau0=0.125, max_runs=12)
+    assert len(trials) < len(doubling)
+    # below N and outside the window: divided by the step
+    _, trials = EB.bisect_tau(count, count(0.05), tau0=0.1, max_runs=2, step=1.25)
+    assert [t for t, _ in trials] == [0.1, 0.08]
+    for bad in (1.0, 0.5, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="step"):
+            EB.bisect_tau(count, 10, step=bad)
+
+
 def test_methods_take_or_refuse_a_budget():
     n = EB.resolve_budget(_small(), 0.3)
     model, opt = build_method(_small(), "tdlrt-budget", budget=0.3)

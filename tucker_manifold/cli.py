@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import math
 import os
 import sys
 import time
@@ -109,6 +110,17 @@ def _budget(s: str):
     except ValueError as e:
         msg = str(e) if "--budget" in str(e) else f"--budget must be an int count or a fraction in (0, 1], got {s!r}"
         raise argparse.ArgumentTypeError(msg) from None
+    return v
+
+
+def _bisect_step(s: str) -> float:
+    """``--bisect-step``: a finite number > 1."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 1):
+        raise argparse.ArgumentTypeError(f"--bisect-step must be a number > 1, got {s!r}")
     return v
 
 
@@ -268,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-schedule", type=_budget_schedule, default=None, help=_SCHEDULE_HELP)
     p.add_argument("--bisect-runs", type=_int_at_least("--bisect-runs", 1), default=6,
                    help="with --budget: at most this many runs in tdlrt's tau bisection (default: 6)")
+    p.add_argument("--bisect-step", type=_bisect_step, default=2.0,
+                   help="with --budget: tau is multiplied / divided by this until N is bracketed, then bisected "
+                        "(default: 2; e.g. 1.1 when --tau is already close, such as the tau of a smaller setting)")
     _add_common(p)
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
     p.set_defaults(func=cmd_compare)
@@ -430,7 +445,7 @@ def cmd_compare(args) -> int:
 
         rows = compare_at_budget(base, args.methods, args.budget, seeds=list(range(base.seed, base.seed + seeds)),
                                  out=out, progress=False if args.no_progress else None,
-                                 max_bisect_runs=args.bisect_runs)
+                                 max_bisect_runs=args.bisect_runs, bisect_step=args.bisect_step)
         print(budget_table(rows, rows[0]["budget"], rows[0]["dense_conv_params"], base))
         print(f"\n{time.perf_counter() - t0:.0f} s in all; wrote {out}/results.csv, results.md, bisection.csv, "
               "ranks_per_layer.png")

@@ -247,16 +247,21 @@ def bisect_tau(
     tau0: float = 0.1,
     max_runs: int = 6,
     rel_tol: float = 0.03,
+    step: float = 2.0,
 ) -> tuple[float, list[tuple[float, int]]]:
     """The tau whose run ends closest to ``budget`` from below: ``run(tau)`` trains and returns the final
-    parameter count (assumed to fall as tau grows). Geometric bisection from ``tau0``: doubled while the
-    count is above ``budget``, halved while below and not within ``rel_tol``; at most ``max_runs`` runs.
+    parameter count (assumed to fall as tau grows). Geometric bisection from ``tau0``: multiplied by
+    ``step`` while the count is above ``budget``, divided by it while below and not within ``rel_tol``,
+    then bisected geometrically once bracketed; at most ``max_runs`` runs. A ``step`` near 1 saves runs
+    when ``tau0`` is already a good guess (e.g. the tau found on a smaller setting).
     Returns ``(tau, [(tau, count), ...] in the order tried)``; the chosen tau has the largest count
     ``<= budget`` (or the smallest count if none fits)."""
     if not (tau0 > 0 and math.isfinite(tau0)):
         raise ValueError(f"tau0 must be a finite number > 0 (the bisection is geometric), got {tau0!r}")
     if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
         raise ValueError(f"max_runs must be an int >= 1, got {max_runs!r}")
+    if not (isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step) and step > 1):
+        raise ValueError(f"step must be a finite number > 1 (the bracketing factor), got {step!r}")
     trials: list[tuple[float, int]] = []
     lo = hi = None  # lo: largest tau seen above the budget, hi: smallest tau seen within it
     tau = float(tau0)
@@ -269,7 +274,7 @@ def bisect_tau(
                 break
         else:
             lo = tau if lo is None else max(lo, tau)
-        tau = hi / 2 if lo is None else (lo * 2 if hi is None else math.sqrt(lo * hi))
+        tau = hi / step if lo is None else (lo * step if hi is None else math.sqrt(lo * hi))
     within = [t for t in trials if t[1] <= budget]
     best = max(within, key=lambda t: (t[1], -t[0])) if within else min(trials, key=lambda t: t[1])
     return best[0], trials
@@ -291,6 +296,7 @@ def compare_at_budget(
     progress: Optional[bool] = None,
     max_bisect_runs: int = 6,
     rel_tol: float = 0.03,
+    bisect_step: float = 2.0,
 ) -> list[dict]:
     """Run every method of ``methods`` at the parameter budget ``budget`` (int count, or float fraction of
     the dense conv weights) on the setting of ``base`` (module docstring): ``tdlrt-budget`` with
@@ -353,7 +359,8 @@ def compare_at_budget(
                                  role="bisection", tau=tau, rank=None)
                 return found[tau]["conv_params"]
 
-            tau, trials = bisect_tau(run_tau, n, base.tau if base.tau > 0 else 0.1, max_bisect_runs, rel_tol)
+            tau, trials = bisect_tau(run_tau, n, base.tau if base.tau > 0 else 0.1, max_bisect_runs, rel_tol,
+                                      bisect_step)
             how = f"tau={tau:.4g} by bisection ({len(trials)} runs of seed {s0})"
             for t, c in trials:
                 bisections.append(dict(method=method, tau=t, seed=s0, conv_params=c, budget=n, chosen=t == tau,
