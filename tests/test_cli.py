@@ -177,6 +177,32 @@ def test_compare(tmp_path, capsys):
     assert (out / "accuracy_vs_compression.png").read_bytes()[:8] == PNG
 
 
+def test_compare_reuse_reads_back_finished_runs(tmp_path, capsys, monkeypatch):
+    """``--reuse``: split compares copied into one folder tabulate to what one compare gives, without
+    training the runs again; a run of another config is trained, not read back."""
+    import tucker_manifold.experiments.runner as R
+
+    args = ["compare", *TINY, "--tau", "0.15", "--seeds", "1", "--epochs", "1"]
+    one, a, b = tmp_path / "one", tmp_path / "a", tmp_path / "b"
+    assert main([*args, "--methods", "tdlrt,vanilla-tucker,cp", "--out", str(one)]) == 0
+    assert main([*args, "--methods", "tdlrt,vanilla-tucker", "--out", str(a)]) == 0
+    shutil.copytree(one / "runs" / "cp_tau0.15_seed0", a / "runs" / "cp_tau0.15_seed0")
+    trained = []
+    real = R.run_experiment
+    monkeypatch.setattr(R, "run_experiment", lambda cfg, *x, **k: trained.append(cfg.method) or real(cfg, *x, **k))
+    capsys.readouterr()
+    assert main([*args, "--methods", "tdlrt,vanilla-tucker,cp", "--reuse", "--out", str(a)]) == 0
+    assert trained == []
+    keys = ("method", "test_acc", "conv_params", "ranks", "match")
+    assert [[r[k] for k in keys] for r in read_csv(a / "results.csv")] == \
+        [[r[k] for k in keys] for r in read_csv(one / "results.csv")]
+    # another config (more epochs) is not read back
+    assert main([*args[:-1], "2", "--methods", "tdlrt", "--reuse", "--out", str(a)]) == 0
+    assert trained == ["tdlrt"]
+    assert main(["compare", "--budget", "0.1", "--reuse", "--out", str(b)]) != 0
+    assert "--reuse" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     "args, word",

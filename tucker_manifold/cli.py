@@ -280,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-schedule", type=_budget_schedule, default=None, help=_SCHEDULE_HELP)
     p.add_argument("--bisect-runs", type=_int_at_least("--bisect-runs", 1), default=6,
                    help="with --budget: at most this many runs in tdlrt's tau bisection (default: 6)")
+    p.add_argument("--reuse", action="store_true",
+                   help="read back every run whose OUT/runs/<tag>/metrics.json is a finished run of the same config "
+                        "and thread count instead of training it: an interrupted compare goes on where it stopped, "
+                        "and runs split over several compares (copied into one OUT/runs) are tabulated together. "
+                        "Not with --budget")
     p.add_argument("--bisect-step", type=_bisect_step, default=2.0,
                    help="with --budget: tau is multiplied / divided by this until N is bracketed, then bisected "
                         "(default: 2; e.g. 1.1 when --tau is already close, such as the tau of a smaller setting)")
@@ -440,6 +445,8 @@ def cmd_compare(args) -> int:
     seeds = args.seeds if args.seeds is not None else preset["seeds"]
     base = _config(args, preset, method="tdlrt", tau=taus[0], rank=None)
     t0 = time.perf_counter()
+    if args.budget is not None and args.reuse:
+        raise CLIError("--reuse: not with --budget (a budget compare's bisection decides which runs it needs)")
     if args.budget is not None:
         from .experiments.budgets import budget_table, compare_at_budget
 
@@ -451,7 +458,7 @@ def cmd_compare(args) -> int:
               "ranks_per_layer.png")
         return 0
     rows = compare_methods(base, methods=args.methods, taus=taus, seeds=list(range(base.seed, base.seed + seeds)),
-                           out=out, progress=False if args.no_progress else None)
+                           out=out, progress=False if args.no_progress else None, reuse=args.reuse)
     print(markdown_table(summarize(rows), base))
     print(f"\n{time.perf_counter() - t0:.0f} s in all; wrote {out}/results.csv, results.md, "
           f"accuracy_vs_compression.png")

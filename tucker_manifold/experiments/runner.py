@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -304,6 +305,22 @@ def _configure(base: TrainConfig, run: _Run, ref: Optional[str], ref_counts: dic
     return dataclasses.replace(cfg, tau=run.tau, **overrides), f"{how} matched to {ref} tau={run.tau:g}"
 
 
+def reusable_metrics(run_dir: Path, cfg: TrainConfig, n_train: int) -> Optional[dict]:
+    """``run_dir/metrics.json`` when it is a finished run of ``cfg`` (same config, training set size and
+    torch thread count, one process); else ``None``. Read as JSON: nothing loaded executes code."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    with open(path) as fh:
+        m = json.load(fh)
+    want = TrainConfig.from_dict(m.get("config", {})).to_dict() if isinstance(m.get("config"), dict) else None
+    same = (want == cfg.to_dict() and m.get("n_train") == n_train and m.get("threads") == torch.get_num_threads()
+            and m.get("world_size", 1) == 1 and m.get("epochs") == cfg.epochs)
+    if not same:
+        logger.info("not reusing %s: made by another config, data size or thread count", path)
+    return m if same else None
+
+
 def _check_compare_args(base, methods, taus, seeds) -> tuple[TrainConfig, list[str], list[float], list[int]]:
     base = TrainConfig.from_dict(base) if isinstance(base, dict) else copy.deepcopy(base)
     methods = list(dict.fromkeys(methods))
@@ -328,6 +345,7 @@ def compare_methods(
     out: str | os.PathLike | None = None,
     *,
     progress: Optional[bool] = None,
+    reuse: bool = False,
 ) -> list[dict]:
     """Run every method of ``methods`` on the setting of ``base`` (see :func:`_plan` for the order):
     adaptive methods (TDLRT) per tau and seed; every matched method per tau and seed at the reference's
@@ -339,9 +357,16 @@ def compare_methods(
     Returns one row per run (the columns of ``reports.RESULT_COLUMNS``); with ``out`` writes
     ``results.csv``, ``results.md``, ``accuracy_vs_compression.png`` and each run's files under
     ``out/runs/<tag>``. Progress goes to the ``tucker_manifold.experiments`` logger.
+
+    ``reuse``: a run whose ``out/runs/<tag>/metrics.json`` already holds the same config, data size and
+    thread count (:func:`reusable_metrics`) is read back instead of trained, so an interrupted compare goes
+    on where it stopped, and runs made by several compares (say, split over cores) are tabulated together.
+    Runs are a function of config, seed and thread count, so a reused run is the run that would be trained.
     """
     base, methods, taus, seed_list = _check_compare_args(base, methods, taus, seeds)
     out_dir = _out_dir(out)
+    if reuse and out_dir is None:
+        raise ValueError("reuse=True needs out (the folder whose runs/ are read back)")
     bundle = load_data(base)  # once: every run reads the same images
     ref = reference_method(methods)
     dense_cache: list[nn.Module] = []
@@ -357,14 +382,18 @@ def compare_methods(
     for run in _plan(methods, taus, seed_list):
         cfg, how = _configure(base, run, ref, ref_counts, dense_ref)
         t0 = time.perf_counter()
-        m = run_experiment(cfg, out_dir / "runs" / run.tag if out_dir is not None else None, progress=progress,
-                           plot=get_method(run.method).adaptive, bundle=bundle).metrics
+        m = reused = reusable_metrics(out_dir / "runs" / run.tag, cfg, len(bundle.y_train)) if reuse else None
+        if m is not None:
+            logger.info("reusing %s (its metrics.json is a finished run of this config)", run.tag)
+        else:
+            m = run_experiment(cfg, out_dir / "runs" / run.tag if out_dir is not None else None, progress=progress,
+                               plot=get_method(run.method).adaptive, bundle=bundle).metrics
         if run.method == ref:
             ref_counts[(run.tau, run.seed)] = m["layer_conv_params"]
         row = {k: m[k] for k in ("test_acc", "test_loss", "train_acc", "conv_compression", "total_compression",
                                  "conv_params", "total_params", "time_per_epoch_s", "epochs")}
-        row.update(method=run.method, tau=run.tau, seed=run.seed, wall_s=time.perf_counter() - t0, match=how,
-                   ranks=m["ranks"])
+        wall = time.perf_counter() - t0 if m is not reused else m.get("total_train_time_s")
+        row.update(method=run.method, tau=run.tau, seed=run.seed, wall_s=wall, match=how, ranks=m["ranks"])
         rows.append(row)
         logger.info("[%6.0fs] %s: test acc %.4f, conv compression %.1f%%, %.1fs/epoch (%s)",
                     time.perf_counter() - t_start, run.tag, row["test_acc"], 100 * row["conv_compression"],
