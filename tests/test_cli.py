@@ -196,6 +196,14 @@ def test_compare_reuse_reads_back_finished_runs(tmp_path, capsys, monkeypatch):
     keys = ("method", "test_acc", "conv_params", "ranks", "match")
     assert [[r[k] for k in keys] for r in read_csv(a / "results.csv")] == \
         [[r[k] for k in keys] for r in read_csv(one / "results.csv")]
+    # a run made on a CPU of another capability (other kernels, other rounding) is not read back
+    path = a / "runs" / "cp_tau0.15_seed0" / "metrics.json"
+    m = json.loads(path.read_text())
+    assert m["cpu_capability"] == str(torch.backends.cpu.get_cpu_capability())
+    path.write_text(json.dumps({**m, "cpu_capability": "SOME-OTHER-ISA"}))
+    assert main([*args, "--methods", "tdlrt,cp", "--reuse", "--out", str(a)]) == 0
+    assert trained == ["cp"]
+    trained.clear()
     # another config (more epochs) is not read back
     assert main([*args[:-1], "2", "--methods", "tdlrt", "--reuse", "--out", str(a)]) == 0
     assert trained == ["tdlrt"]

@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bisect-runs", type=_int_at_least("--bisect-runs", 1), default=6,
                    help="with --budget: at most this many runs in tdlrt's tau bisection (default: 6)")
     p.add_argument("--reuse", action="store_true",
-                   help="read back every run whose OUT/runs/<tag>/metrics.json is a finished run of the same config "
+                   help="read back every run whose OUT/runs/<tag>/metrics.json is a finished run of the same config, CPU capability "
                         "and thread count instead of training it: an interrupted compare goes on where it stopped, "
                         "and runs split over several compares (copied into one OUT/runs) are tabulated together. "
                         "Not with --budget")

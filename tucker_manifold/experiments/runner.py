@@ -240,7 +240,9 @@ def run_experiment(
         opt = phase["opt"]
         save(history[-1])
     extra = {"dataset": bundle.name, "n_train": len(bundle.y_train), "n_test": len(bundle.y_test),
-             "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": ctx.world_size}
+             "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": ctx.world_size,
+             # oneDNN picks its kernels by instruction set, and AVX2 / AVX-512 kernels round differently
+             "cpu_capability": cpu_capability()}
     if any(is_pruned(m) for m in model.modules()):
         # Pruned weights save memory only in a sparse format; a dense kernel runs every multiply anyway.
         shape = (1, bundle.in_channels, bundle.image_size, bundle.image_size)
@@ -305,9 +307,16 @@ def _configure(base: TrainConfig, run: _Run, ref: Optional[str], ref_counts: dic
     return dataclasses.replace(cfg, tau=run.tau, **overrides), f"{how} matched to {ref} tau={run.tau:g}"
 
 
+def cpu_capability() -> str:
+    """The CPU instruction set torch's kernels use here (``"AVX2"``, ``"AVX512"``, ...): runs are
+    bit-reproducible for a config, seed and thread count on CPUs of one capability, not across them."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
 def reusable_metrics(run_dir: Path, cfg: TrainConfig, n_train: int) -> Optional[dict]:
-    """``run_dir/metrics.json`` when it is a finished run of ``cfg`` (same config, training set size and
-    torch thread count, one process); else ``None``. Read as JSON: nothing loaded executes code."""
+    """``run_dir/metrics.json`` when it is a finished run of ``cfg`` (same config, training set size,
+    torch thread count and CPU capability, one process); else ``None``. A run without a recorded
+    capability (made before it was recorded) is not reused. Read as JSON: nothing loaded executes code."""
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         return None
@@ -315,9 +324,10 @@ def reusable_metrics(run_dir: Path, cfg: TrainConfig, n_train: int) -> Optional[
         m = json.load(fh)
     want = TrainConfig.from_dict(m.get("config", {})).to_dict() if isinstance(m.get("config"), dict) else None
     same = (want == cfg.to_dict() and m.get("n_train") == n_train and m.get("threads") == torch.get_num_threads()
-            and m.get("world_size", 1) == 1 and m.get("epochs") == cfg.epochs)
+            and m.get("world_size", 1) == 1 and m.get("epochs") == cfg.epochs
+            and m.get("cpu_capability") == cpu_capability())
     if not same:
-        logger.info("not reusing %s: made by another config, data size or thread count", path)
+        logger.info("not reusing %s: made by another config, data size, thread count or CPU capability", path)
     return m if same else None
 
 
