@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import importlib
 import logging
-import math
 import os
 import sys
 import time
@@ -98,6 +97,7 @@ def _float(name: str, lo=None, hi=None, lo_open=False, hi_open=False):
 
 _tau = _float("--tau", lo=0.0)
 _fraction = _float("--rank-fraction", lo=0.0, hi=1.0, lo_open=True)
+_bisect_step = _float("--bisect-step", lo=1.0, lo_open=True)
 
 
 def _budget(s: str):
@@ -110,17 +110,6 @@ def _budget(s: str):
     except ValueError as e:
         msg = str(e) if "--budget" in str(e) else f"--budget must be an int count or a fraction in (0, 1], got {s!r}"
         raise argparse.ArgumentTypeError(msg) from None
-    return v
-
-
-def _bisect_step(s: str) -> float:
-    """``--bisect-step``: a finite number > 1."""
-    try:
-        v = float(s)
-    except ValueError:
-        v = float("nan")
-    if not (math.isfinite(v) and v > 1):
-        raise argparse.ArgumentTypeError(f"--bisect-step must be a number > 1, got {s!r}")
     return v
 
 

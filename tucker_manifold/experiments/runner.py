@@ -368,10 +368,10 @@ def compare_methods(
     ``results.csv``, ``results.md``, ``accuracy_vs_compression.png`` and each run's files under
     ``out/runs/<tag>``. Progress goes to the ``tucker_manifold.experiments`` logger.
 
-    ``reuse``: a run whose ``out/runs/<tag>/metrics.json`` already holds the same config, data size and
-    thread count (:func:`reusable_metrics`) is read back instead of trained, so an interrupted compare goes
-    on where it stopped, and runs made by several compares (say, split over cores) are tabulated together.
-    Runs are a function of config, seed and thread count, so a reused run is the run that would be trained.
+    ``reuse``: a run whose ``out/runs/<tag>/metrics.json`` already holds the same config, data size,
+    thread count and CPU capability (:func:`reusable_metrics`) is read back instead of trained, so an
+    interrupted compare goes on where it stopped, and runs made by several compares (say, split over cores)
+    are tabulated together. Runs are a function of those, so a reused run is the run that would be trained.
     """
     base, methods, taus, seed_list = _check_compare_args(base, methods, taus, seeds)
     out_dir = _out_dir(out)
@@ -392,9 +392,10 @@ def compare_methods(
     for run in _plan(methods, taus, seed_list):
         cfg, how = _configure(base, run, ref, ref_counts, dense_ref)
         t0 = time.perf_counter()
-        m = reused = reusable_metrics(out_dir / "runs" / run.tag, cfg, len(bundle.y_train)) if reuse else None
-        if m is not None:
+        reused = reusable_metrics(out_dir / "runs" / run.tag, cfg, len(bundle.y_train)) if reuse else None
+        if reused is not None:
             logger.info("reusing %s (its metrics.json is a finished run of this config)", run.tag)
+            m = reused
         else:
             m = run_experiment(cfg, out_dir / "runs" / run.tag if out_dir is not None else None, progress=progress,
                                plot=get_method(run.method).adaptive, bundle=bundle).metrics
@@ -402,7 +403,7 @@ def compare_methods(
             ref_counts[(run.tau, run.seed)] = m["layer_conv_params"]
         row = {k: m[k] for k in ("test_acc", "test_loss", "train_acc", "conv_compression", "total_compression",
                                  "conv_params", "total_params", "time_per_epoch_s", "epochs")}
-        wall = time.perf_counter() - t0 if m is not reused else m.get("total_train_time_s")
+        wall = time.perf_counter() - t0 if reused is None else reused.get("total_train_time_s")
         row.update(method=run.method, tau=run.tau, seed=run.seed, wall_s=wall, match=how, ranks=m["ranks"])
         rows.append(row)
         logger.info("[%6.0fs] %s: test acc %.4f, conv compression %.1f%%, %.1fs/epoch (%s)",

@@ -34,11 +34,11 @@ def main(argv=None) -> list[dict]:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     ref, out = Path(a.ref), Path(a.out)
+    refs = [json.loads((ref / f"tdlrt_tau0.12_seed{s}" / "metrics.json").read_text()) for s in range(a.seeds)]
+    bundle = load_data(TrainConfig.from_dict(refs[0]["config"]))  # the seeds differ only in seed: one data set
     rows = []
-    for s in range(a.seeds):
-        m = json.loads((ref / f"tdlrt_tau0.12_seed{s}" / "metrics.json").read_text())
+    for s, m in enumerate(refs):
         base = TrainConfig.from_dict(m["config"])
-        bundle = load_data(base)
         overrides, how = match_sparsity(build_dense(base, bundle), m["layer_conv_params"], "imp")
         cfg = dataclasses.replace(base, method="imp", tau=0.12, epochs=a.epochs, **overrides)
         r = run_experiment(cfg, out / f"imp_tau0.12_seed{s}", progress=False, bundle=bundle).metrics
